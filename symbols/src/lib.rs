@@ -1,0 +1,1 @@
+//! Guest symbolization: vmlinux ELF + DWARF, kallsyms, modules, KASLR offset.

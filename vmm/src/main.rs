@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("vmm: not implemented yet");
+    std::process::exit(2);
+}
