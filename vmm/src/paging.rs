@@ -41,7 +41,12 @@ pub struct PagingContext {
 
 impl PagingContext {
     pub fn from_regs(regs: &crate::GuestRegisters) -> Self {
-        PagingContext { cr0: regs.cr0, cr3: regs.cr3, cr4: regs.cr4, efer: regs.efer }
+        PagingContext {
+            cr0: regs.cr0,
+            cr3: regs.cr3,
+            cr4: regs.cr4,
+            efer: regs.efer,
+        }
     }
 }
 
@@ -64,9 +69,19 @@ impl Translation {
 }
 
 /// Translates one guest virtual address by walking the guest's page tables in guest memory.
-pub fn translate(mem: &GuestMemoryMmap, ctx: &PagingContext, gva: u64) -> Result<Translation, PagingError> {
+pub fn translate(
+    mem: &GuestMemoryMmap,
+    ctx: &PagingContext,
+    gva: u64,
+) -> Result<Translation, PagingError> {
     if ctx.cr0 & CR0_PG == 0 {
-        return Ok(Translation { gpa: gva, page_size: 4096, writable: true, user: true, executable: true });
+        return Ok(Translation {
+            gpa: gva,
+            page_size: 4096,
+            writable: true,
+            user: true,
+            executable: true,
+        });
     }
     if ctx.cr4 & CR4_PAE == 0 {
         return Err(PagingError::UnsupportedMode);
@@ -87,16 +102,23 @@ pub fn translate(mem: &GuestMemoryMmap, ctx: &PagingContext, gva: u64) -> Result
         }
     }
     // PAE (legacy 3-level) tables start 32-byte aligned; long-mode tables page aligned.
-    let mut table = if long_mode { ctx.cr3 & PTE_ADDR_MASK } else { ctx.cr3 & 0xffff_ffe0 };
+    let mut table = if long_mode {
+        ctx.cr3 & PTE_ADDR_MASK
+    } else {
+        ctx.cr3 & 0xffff_ffe0
+    };
     let (mut writable, mut user, mut executable) = (true, true, true);
     for level in (1..=levels).rev() {
         let shift = 12 + 9 * (level as u32 - 1);
         let index_mask = if !long_mode && level == 3 { 0x3 } else { 0x1ff };
         let index = (gva >> shift) & index_mask;
         let entry_gpa = table + index * 8;
-        let entry: u64 = mem
-            .read_obj(GuestAddress(entry_gpa))
-            .map_err(|_| PagingError::OutsideRam { gva, gpa: entry_gpa })?;
+        let entry: u64 =
+            mem.read_obj(GuestAddress(entry_gpa))
+                .map_err(|_| PagingError::OutsideRam {
+                    gva,
+                    gpa: entry_gpa,
+                })?;
         if entry & PTE_PRESENT == 0 {
             return Err(PagingError::NotPresent { gva, level });
         }
@@ -106,11 +128,18 @@ pub fn translate(mem: &GuestMemoryMmap, ctx: &PagingContext, gva: u64) -> Result
             user &= entry & PTE_USER != 0;
             executable &= entry & PTE_NX == 0;
         }
-        let is_leaf = level == 1 || ((level == 2 || (level == 3 && long_mode)) && entry & PTE_PAGE_SIZE != 0);
+        let is_leaf =
+            level == 1 || ((level == 2 || (level == 3 && long_mode)) && entry & PTE_PAGE_SIZE != 0);
         if is_leaf {
             let page_size = 1u64 << shift;
             let frame = entry & PTE_ADDR_MASK & !(page_size - 1);
-            return Ok(Translation { gpa: frame | (gva & (page_size - 1)), page_size, writable, user, executable });
+            return Ok(Translation {
+                gpa: frame | (gva & (page_size - 1)),
+                page_size,
+                writable,
+                user,
+                executable,
+            });
         }
         table = entry & PTE_ADDR_MASK;
     }
@@ -122,9 +151,14 @@ pub fn translate(mem: &GuestMemoryMmap, ctx: &PagingContext, gva: u64) -> Result
 pub fn read_virt(mem: &GuestMemoryMmap, ctx: &PagingContext, gva: u64, buf: &mut [u8]) -> usize {
     let mut done = 0usize;
     while done < buf.len() {
-        let Ok(t) = translate(mem, ctx, gva.wrapping_add(done as u64)) else { break };
+        let Ok(t) = translate(mem, ctx, gva.wrapping_add(done as u64)) else {
+            break;
+        };
         let chunk = (buf.len() - done).min(t.bytes_left_in_page() as usize);
-        if mem.read_slice(&mut buf[done..done + chunk], GuestAddress(t.gpa)).is_err() {
+        if mem
+            .read_slice(&mut buf[done..done + chunk], GuestAddress(t.gpa))
+            .is_err()
+        {
             break;
         }
         done += chunk;
@@ -136,9 +170,14 @@ pub fn read_virt(mem: &GuestMemoryMmap, ctx: &PagingContext, gva: u64, buf: &mut
 pub fn write_virt(mem: &GuestMemoryMmap, ctx: &PagingContext, gva: u64, data: &[u8]) -> usize {
     let mut done = 0usize;
     while done < data.len() {
-        let Ok(t) = translate(mem, ctx, gva.wrapping_add(done as u64)) else { break };
+        let Ok(t) = translate(mem, ctx, gva.wrapping_add(done as u64)) else {
+            break;
+        };
         let chunk = (data.len() - done).min(t.bytes_left_in_page() as usize);
-        if mem.write_slice(&data[done..done + chunk], GuestAddress(t.gpa)).is_err() {
+        if mem
+            .write_slice(&data[done..done + chunk], GuestAddress(t.gpa))
+            .is_err()
+        {
             break;
         }
         done += chunk;
@@ -165,7 +204,12 @@ mod tests {
         m.write_obj(v, GuestAddress(gpa)).unwrap();
     }
     fn lm(cr3: u64, la57: bool) -> PagingContext {
-        PagingContext { cr0: CR0_PG | 1, cr3, cr4: CR4_PAE | if la57 { CR4_LA57 } else { 0 }, efer: EFER_LMA | (1 << 8) }
+        PagingContext {
+            cr0: CR0_PG | 1,
+            cr3,
+            cr4: CR4_PAE | if la57 { CR4_LA57 } else { 0 },
+            efer: EFER_LMA | (1 << 8),
+        }
     }
 
     #[test]
@@ -188,9 +232,15 @@ mod tests {
         assert_eq!((t.gpa, t.page_size, t.executable), (0x7abc, 4096, false));
         assert_eq!(
             translate(&m, &ctx, base + (1 << 30) + (2 << 20) + 0x4000),
-            Err(PagingError::NotPresent { gva: base + (1 << 30) + (2 << 20) + 0x4000, level: 1 })
+            Err(PagingError::NotPresent {
+                gva: base + (1 << 30) + (2 << 20) + 0x4000,
+                level: 1
+            })
         );
-        assert!(matches!(translate(&m, &ctx, 0x0000_8000_0000_0000), Err(PagingError::NonCanonical { .. })));
+        assert!(matches!(
+            translate(&m, &ctx, 0x0000_8000_0000_0000),
+            Err(PagingError::NonCanonical { .. })
+        ));
     }
 
     #[test]
@@ -202,9 +252,15 @@ mod tests {
         put(&m, 0x3000 + ((gva >> 30) & 0x1ff) * 8, 0x4000 | P);
         put(&m, 0x4000 + ((gva >> 21) & 0x1ff) * 8, 0x5000 | P);
         put(&m, 0x5000 + ((gva >> 12) & 0x1ff) * 8, 0x9000 | P);
-        assert_eq!(translate(&m, &lm(0x1000, true), gva + 5).unwrap().gpa, 0x9005);
+        assert_eq!(
+            translate(&m, &lm(0x1000, true), gva + 5).unwrap().gpa,
+            0x9005
+        );
         // The same address is non-canonical under 4-level paging.
-        assert!(matches!(translate(&m, &lm(0x1000, false), gva), Err(PagingError::NonCanonical { .. })));
+        assert!(matches!(
+            translate(&m, &lm(0x1000, false), gva),
+            Err(PagingError::NonCanonical { .. })
+        ));
     }
 
     #[test]
@@ -228,11 +284,17 @@ mod tests {
         let m = mem();
         put(&m, 0x1000, 0xffff_f000 | P); // PDPT far outside the 64 MiB of RAM
         let ctx = lm(0x1000, false);
-        assert!(matches!(translate(&m, &ctx, 0x1000), Err(PagingError::OutsideRam { .. })));
+        assert!(matches!(
+            translate(&m, &ctx, 0x1000),
+            Err(PagingError::OutsideRam { .. })
+        ));
         let mut buf = [0u8; 4];
         assert_eq!(read_virt(&m, &ctx, 0x1000, &mut buf), 0);
         // A CR3 beyond RAM too.
-        assert!(matches!(translate(&m, &lm(1 << 40, false), 0), Err(PagingError::OutsideRam { .. })));
+        assert!(matches!(
+            translate(&m, &lm(1 << 40, false), 0),
+            Err(PagingError::OutsideRam { .. })
+        ));
     }
 
     #[test]

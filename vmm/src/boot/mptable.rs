@@ -85,7 +85,8 @@ pub fn build(num_cpus: usize, base: u64) -> Result<Vec<u8>, MptableError> {
 
 pub fn write(mem: &GuestMemoryMmap, num_cpus: usize) -> Result<(), MptableError> {
     let bytes = build(num_cpus, MPTABLE_START)?;
-    mem.write_slice(&bytes, GuestAddress(MPTABLE_START)).map_err(MptableError::Write)
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
+        .map_err(MptableError::Write)
 }
 
 #[cfg(test)]
@@ -102,7 +103,10 @@ mod tests {
         let len = u16::from_le_bytes([table[4], table[5]]) as usize;
         assert_eq!(len, table.len());
         assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
-        assert_eq!(u16::from_le_bytes([table[34], table[35]]), 3 + 1 + 1 + 16 + 2);
+        assert_eq!(
+            u16::from_le_bytes([table[34], table[35]]),
+            3 + 1 + 1 + 16 + 2
+        );
         assert!(build(0, 0).is_err() && build(255, 0).is_err());
     }
 }
