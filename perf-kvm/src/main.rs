@@ -5,6 +5,7 @@ mod cmd_report;
 mod cmd_stat;
 mod cmd_symbolize;
 mod cmd_top;
+mod vm_source;
 
 use clap::{Parser, Subcommand};
 

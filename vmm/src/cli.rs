@@ -61,3 +61,26 @@ impl RunArgs {
         })
     }
 }
+
+#[derive(clap::Parser)]
+#[command(name = "vmm", no_binary_name = true)]
+struct RunCommandLine {
+    #[command(subcommand)]
+    command: RunSubcommand,
+}
+
+#[derive(clap::Subcommand)]
+enum RunSubcommand {
+    Run(RunArgs),
+}
+
+/// Parses the VMM arguments another tool passes after `--` (`run --kernel ...`; the leading `run` is optional).
+pub fn parse_run_args(args: &[String]) -> Result<RunArgs, clap::Error> {
+    use clap::Parser;
+    let mut words: Vec<&str> = args.iter().map(String::as_str).collect();
+    if words.first() != Some(&"run") {
+        words.insert(0, "run");
+    }
+    let RunSubcommand::Run(run) = RunCommandLine::try_parse_from(words)?.command;
+    Ok(run)
+}
