@@ -1,0 +1,1 @@
+//! `perf-kvm report`: reads perf.data and prints the profile.
