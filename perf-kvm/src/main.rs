@@ -9,11 +9,7 @@ mod cmd_top;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "perf-kvm",
-    version,
-    about = "Profile and symbolize KVM guests, perf-style"
-)]
+#[command(name = "perf-kvm", version, about = "Profile and symbolize KVM guests, perf-style")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
