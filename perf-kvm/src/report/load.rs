@@ -32,6 +32,8 @@ pub enum LoadError {
     },
     #[error("{} is not a perf.data file (no PERFILE2 header)", path.display())]
     NotPerfData { path: PathBuf },
+    #[error("{} is a corrupt perf.data file: {reason}", path.display())]
+    BadLayout { path: PathBuf, reason: String },
     #[error("{} is a corrupt perf.data file", path.display())]
     Corrupt {
         path: PathBuf,
@@ -111,23 +113,65 @@ pub struct Profile {
     pub has_callchains: bool,
     /// Set when the recorder never finished the file; says how much was readable.
     pub unfinished: Option<String>,
+    /// Records the parser could not read (corruption); the report covers the rest.
+    pub skipped_records: u64,
 }
 
 pub fn load(path: &Path) -> Result<Profile, LoadError> {
-    let mut bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+    let mut bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     if bytes.len() < FILE_HEADER_SIZE || &bytes[..8] != b"PERFILE2" {
-        return Err(LoadError::NotPerfData { path: path.to_owned() });
+        return Err(LoadError::NotPerfData {
+            path: path.to_owned(),
+        });
     }
     let unfinished = repair_unfinished(&mut bytes);
-    let corrupt = |source| LoadError::Corrupt { path: path.to_owned(), source };
-    let PerfFileReader { mut perf_file, mut record_iter } =
-        PerfFileReader::parse_file(Cursor::new(&bytes[..])).map_err(corrupt)?;
-    let mut profile = Profile { unfinished, ..Profile::default() };
+    check_layout(&bytes).map_err(|reason| LoadError::BadLayout {
+        path: path.to_owned(),
+        reason,
+    })?;
+    let corrupt = |source| LoadError::Corrupt {
+        path: path.to_owned(),
+        source,
+    };
+    let parsed = std::panic::catch_unwind(|| PerfFileReader::parse_file(Cursor::new(&bytes[..])))
+        .map_err(|_| LoadError::BadLayout {
+        path: path.to_owned(),
+        reason: "the parser gave up on it".into(),
+    })?;
+    let PerfFileReader {
+        mut perf_file,
+        mut record_iter,
+    } = parsed.map_err(corrupt)?;
+    let mut profile = Profile {
+        unfinished,
+        ..Profile::default()
+    };
     if let Some(attr) = perf_file.event_attributes().first() {
         profile.event_name = attr.name().unwrap_or("cpu-clock").to_owned();
     }
-    while let Some(record) = record_iter.next_record(&mut perf_file).map_err(corrupt)? {
-        let PerfFileRecord::EventRecord { record, .. } = record else { continue };
+    // The parser can panic (arithmetic overflow, slicing) on corrupt lengths: what was read before stays.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_records(&mut perf_file, &mut record_iter, &mut profile)
+    }));
+    match read {
+        Ok(result) => result.map_err(corrupt)?,
+        Err(_) => profile.skipped_records += 1,
+    }
+    Ok(profile)
+}
+
+fn read_records(
+    perf_file: &mut linux_perf_data::PerfFile,
+    record_iter: &mut linux_perf_data::PerfRecordIter<Cursor<&[u8]>>,
+    profile: &mut Profile,
+) -> Result<(), linux_perf_data::Error> {
+    while let Some(record) = record_iter.next_record(perf_file)? {
+        let PerfFileRecord::EventRecord { record, .. } = record else {
+            continue;
+        };
         if record.record_type == RecordType::LOST_SAMPLES {
             let data = record.data.as_slice();
             if let Some(lost) = data.get(..8) {
@@ -136,7 +180,10 @@ pub fn load(path: &Path) -> Result<Profile, LoadError> {
             continue;
         }
         // A record the parser rejects is skipped, not fatal: the rest of the profile is still worth showing.
-        let Ok(parsed) = record.parse() else { continue };
+        let Ok(parsed) = record.parse() else {
+            profile.skipped_records += 1;
+            continue;
+        };
         match parsed {
             EventRecord::Sample(sample) => {
                 let mode = Mode::from_cpu_mode(sample.cpu_mode);
@@ -144,7 +191,11 @@ pub fn load(path: &Path) -> Result<Profile, LoadError> {
                 let frames = match &sample.callchain {
                     Some(chain) => {
                         profile.has_callchains = true;
-                        frames_from_callchain((0..chain.len()).filter_map(|i| chain.get(i)), ip, mode)
+                        frames_from_callchain(
+                            (0..chain.len()).filter_map(|i| chain.get(i)),
+                            ip,
+                            mode,
+                        )
                     }
                     None => vec![Frame { addr: ip, mode }],
                 };
@@ -156,7 +207,10 @@ pub fn load(path: &Path) -> Result<Profile, LoadError> {
                 });
             }
             EventRecord::Comm(comm) => {
-                profile.comms.insert(comm.pid, String::from_utf8_lossy(&comm.name.as_slice()).into_owned());
+                profile.comms.insert(
+                    comm.pid,
+                    String::from_utf8_lossy(&comm.name.as_slice()).into_owned(),
+                );
             }
             EventRecord::Mmap(mmap) => {
                 let mapping = Mapping {
@@ -180,21 +234,29 @@ pub fn load(path: &Path) -> Result<Profile, LoadError> {
             _ => {}
         }
     }
-    Ok(profile)
+    Ok(())
 }
 
 /// perf callchains include the sampled ip right after the first context marker; markers switch the mode of
 /// the frames that follow.
-fn frames_from_callchain(entries: impl Iterator<Item = u64>, ip: u64, sample_mode: Mode) -> Vec<Frame> {
+fn frames_from_callchain(
+    entries: impl Iterator<Item = u64>,
+    ip: u64,
+    sample_mode: Mode,
+) -> Vec<Frame> {
     let mut frames = Vec::new();
     let mut mode = sample_mode;
     for entry in entries {
         if entry >= PERF_CONTEXT_MAX {
             mode = match entry {
-                PERF_CONTEXT_KERNEL if sample_mode == Mode::GuestKernel || sample_mode == Mode::GuestUser => {
+                PERF_CONTEXT_KERNEL
+                    if sample_mode == Mode::GuestKernel || sample_mode == Mode::GuestUser =>
+                {
                     Mode::GuestKernel
                 }
-                PERF_CONTEXT_USER if sample_mode == Mode::GuestKernel || sample_mode == Mode::GuestUser => {
+                PERF_CONTEXT_USER
+                    if sample_mode == Mode::GuestKernel || sample_mode == Mode::GuestUser =>
+                {
                     Mode::GuestUser
                 }
                 PERF_CONTEXT_KERNEL => Mode::HostKernel,
@@ -209,9 +271,59 @@ fn frames_from_callchain(entries: impl Iterator<Item = u64>, ip: u64, sample_mod
         frames.push(Frame { addr: entry, mode });
     }
     if frames.first().map(|f| f.addr) != Some(ip) {
-        frames.insert(0, Frame { addr: ip, mode: sample_mode });
+        frames.insert(
+            0,
+            Frame {
+                addr: ip,
+                mode: sample_mode,
+            },
+        );
     }
     frames
+}
+
+/// The parser trusts the header's sections (it overflows or allocates whatever they say), so they are checked
+/// against the file first.
+fn check_layout(bytes: &[u8]) -> Result<(), String> {
+    let len = bytes.len() as u64;
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let header_size = u64_at(8);
+    if header_size != FILE_HEADER_SIZE as u64 {
+        return Err(format!("header size {header_size}, expected {FILE_HEADER_SIZE} (pipe-mode files are not supported)"));
+    }
+    let attr_size = u64_at(16);
+    let section = |name: &str, at: usize| -> Result<(u64, u64), String> {
+        let (offset, size) = (u64_at(at), u64_at(at + 8));
+        match offset.checked_add(size) {
+            Some(end) if end <= len => Ok((offset, size)),
+            _ => Err(format!(
+                "{name} section {offset:#x}+{size:#x} lies outside the {len}-byte file"
+            )),
+        }
+    };
+    let (_, attrs_size) = section("attribute", 24)?;
+    let (data_offset, data_size) = section("data", 40)?;
+    section("event type", 56)?;
+    if attr_size < 16 + 8 || attrs_size % attr_size != 0 || attrs_size == 0 {
+        return Err(format!(
+            "attribute section of {attrs_size} bytes does not hold {attr_size}-byte attributes"
+        ));
+    }
+    let features: u32 = bytes[FEATURES_AT..FILE_HEADER_SIZE]
+        .iter()
+        .map(|b| b.count_ones())
+        .sum();
+    let table = data_offset + data_size;
+    for i in 0..u64::from(features) {
+        let at = table + 16 * i;
+        if at + 16 > len {
+            return Err(format!(
+                "feature section table ends past the {len}-byte file"
+            ));
+        }
+        section("feature", at as usize)?;
+    }
+    Ok(())
 }
 
 /// For a file whose feature bitmap is empty (the writer never finished): cut the data section at the last
@@ -221,8 +333,11 @@ fn repair_unfinished(bytes: &mut [u8]) -> Option<String> {
     if !features_empty {
         return None;
     }
-    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-    let data_offset = usize::try_from(u64_at(bytes, DATA_OFFSET_AT)).unwrap_or(usize::MAX).min(bytes.len());
+    let u64_at =
+        |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let data_offset = usize::try_from(u64_at(bytes, DATA_OFFSET_AT))
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
     let header_size = u64_at(bytes, DATA_SIZE_AT);
     let mut end = data_offset;
     while end + RECORD_HEADER_SIZE <= bytes.len() {

@@ -113,12 +113,25 @@ struct ResolvedSample {
 /// A row key: the values of the sort keys, in order.
 pub type RowKey = Vec<String>;
 
-pub fn run_report(options: &ReportOptions, out: &mut dyn Write) -> Result<ReportSummary, ReportError> {
+pub fn run_report(
+    options: &ReportOptions,
+    out: &mut dyn Write,
+) -> Result<ReportSummary, ReportError> {
     let profile = load::load(&options.input)?;
     let mut resolver = Resolver::new(&options.symbols)?;
     let samples = resolve_samples(&profile, &mut resolver, options.vcpu);
-    let mut summary = ReportSummary { samples: samples.len(), lost: profile.lost, ..ReportSummary::default() };
+    let mut summary = ReportSummary {
+        samples: samples.len(),
+        lost: profile.lost,
+        ..ReportSummary::default()
+    };
     summary.warnings.extend(profile.unfinished.iter().cloned());
+    if profile.skipped_records > 0 {
+        summary.warnings.push(format!(
+            "skipped {} corrupt record(s)",
+            profile.skipped_records
+        ));
+    }
     summary.warnings.append(&mut resolver.warnings);
     let io = ReportError::Output;
     for warning in &summary.warnings {
@@ -138,17 +151,29 @@ pub fn run_report(options: &ReportOptions, out: &mut dyn Write) -> Result<Report
     Ok(summary)
 }
 
-fn resolve_samples(profile: &Profile, resolver: &mut Resolver, vcpu: Option<u32>) -> Vec<ResolvedSample> {
+fn resolve_samples(
+    profile: &Profile,
+    resolver: &mut Resolver,
+    vcpu: Option<u32>,
+) -> Vec<ResolvedSample> {
     profile
         .samples
         .iter()
         .filter(|s| vcpu.is_none_or(|v| s.cpu == v))
         .map(|sample| ResolvedSample {
             period: sample.period,
-            comm: profile.comms.get(&sample.pid).cloned().unwrap_or_else(|| format!(":{}", sample.pid)),
+            comm: profile
+                .comms
+                .get(&sample.pid)
+                .cloned()
+                .unwrap_or_else(|| format!(":{}", sample.pid)),
             pid: sample.pid,
             cpu: sample.cpu,
-            locations: sample.frames.iter().map(|&f| resolver.resolve(profile, sample.pid, f)).collect(),
+            locations: sample
+                .frames
+                .iter()
+                .map(|&f| resolver.resolve(profile, sample.pid, f))
+                .collect(),
         })
         .collect()
 }
@@ -169,7 +194,9 @@ fn row_key(sample: &ResolvedSample, location: &Location, keys: &[SortKey]) -> Ro
 fn aggregate(samples: &[ResolvedSample], keys: &[SortKey]) -> HashMap<RowKey, (u64, u64)> {
     let mut rows: HashMap<RowKey, (u64, u64)> = HashMap::new();
     for sample in samples {
-        let Some(leaf) = sample.locations.first() else { continue };
+        let Some(leaf) = sample.locations.first() else {
+            continue;
+        };
         rows.entry(row_key(sample, leaf, keys)).or_default().0 += sample.period;
         // Children: every distinct key on the stack counts once, however often recursion repeats it.
         let mut seen: Vec<RowKey> = Vec::new();

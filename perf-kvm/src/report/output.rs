@@ -28,14 +28,27 @@ pub fn write_table(
     writeln!(out, "#")?;
     writeln!(out, "# Total Lost Samples: {}", profile.lost)?;
     writeln!(out, "#")?;
-    writeln!(out, "# Samples: {}  of event '{}'", samples.len(), profile.event_name)?;
+    writeln!(
+        out,
+        "# Samples: {}  of event '{}'",
+        samples.len(),
+        profile.event_name
+    )?;
     writeln!(out, "# Event count (approx.): {total}")?;
     writeln!(out, "#")?;
     let rows = aggregate(samples, &options.sort);
-    let mut ordered: Vec<(&RowKey, &(u64, u64))> =
-        rows.iter().filter(|(_, &(own, inclusive))| if children { inclusive > 0 } else { own > 0 }).collect();
+    let mut ordered: Vec<(&RowKey, &(u64, u64))> = rows
+        .iter()
+        .filter(|(_, &(own, inclusive))| if children { inclusive > 0 } else { own > 0 })
+        .collect();
     ordered.sort_by(|a, b| {
-        let rank = |(own, inclusive): (u64, u64)| if children { (inclusive, own) } else { (own, inclusive) };
+        let rank = |(own, inclusive): (u64, u64)| {
+            if children {
+                (inclusive, own)
+            } else {
+                (own, inclusive)
+            }
+        };
         rank(*b.1).cmp(&rank(*a.1)).then_with(|| a.0.cmp(b.0))
     });
     let headers: Vec<&str> = options.sort.iter().map(|&k| header_name(k)).collect();
@@ -45,7 +58,11 @@ pub fn write_table(
             *width = (*width).max(value.len());
         }
     }
-    let percent_columns: &[&str] = if children { &["Children", "Self"] } else { &["Overhead"] };
+    let percent_columns: &[&str] = if children {
+        &["Children", "Self"]
+    } else {
+        &["Overhead"]
+    };
     // perf's layout: "# " then 8-wide percent columns, then the key columns, all two spaces apart.
     let mut title = String::from("#");
     let mut rule = String::from("#");
@@ -61,11 +78,21 @@ pub fn write_table(
     writeln!(out, "{}", title.trim_end())?;
     writeln!(out, "{}", rule.trim_end())?;
     writeln!(out, "#")?;
-    let percent = |period: u64| if total == 0 { 0.0 } else { 100.0 * period as f64 / total as f64 };
+    let percent = |period: u64| {
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * period as f64 / total as f64
+        }
+    };
     for (key, &(own, inclusive)) in ordered {
         let mut line = String::new();
         if children {
-            line.push_str(&format!("  {:>7.2}%  {:>7.2}%", percent(inclusive), percent(own)));
+            line.push_str(&format!(
+                "  {:>7.2}%  {:>7.2}%",
+                percent(inclusive),
+                percent(own)
+            ));
         } else {
             line.push_str(&format!("  {:>7.2}%", percent(own)));
         }
@@ -91,7 +118,9 @@ fn write_callers(
 ) -> io::Result<()> {
     let mut chains: BTreeMap<Vec<String>, u64> = BTreeMap::new();
     for sample in samples {
-        let Some(leaf) = sample.locations.first() else { continue };
+        let Some(leaf) = sample.locations.first() else {
+            continue;
+        };
         if &row_key(sample, leaf, sort) != key {
             continue;
         }
@@ -148,11 +177,17 @@ pub fn folded_stacks(samples: &[ResolvedSample]) -> Vec<String> {
         }
         *stacks.entry(line).or_default() += 1;
     }
-    stacks.into_iter().map(|(stack, count)| format!("{stack} {count}")).collect()
+    stacks
+        .into_iter()
+        .map(|(stack, count)| format!("{stack} {count}"))
+        .collect()
 }
 
 pub fn write_flamegraph(path: &Path, folded: &[String]) -> Result<(), ReportError> {
-    let error = |source| ReportError::FlameGraph { path: path.to_owned(), source };
+    let error = |source| ReportError::FlameGraph {
+        path: path.to_owned(),
+        source,
+    };
     let file = std::fs::File::create(path).map_err(error)?;
     let mut options = inferno::flamegraph::Options::default();
     options.title = "perf-kvm report".to_owned();

@@ -43,13 +43,19 @@ impl Resolver {
         let guest_kernel = if sources.guest_vmlinux.is_some() || sources.guest_kallsyms.is_some() {
             let mut kernel = Symbolizer::new();
             if let Some(modules) = &sources.guest_modules {
-                kernel.add_modules(modules).map_err(|source| symbols_error(modules, source))?;
+                kernel
+                    .add_modules(modules)
+                    .map_err(|source| symbols_error(modules, source))?;
             }
             if let Some(kallsyms) = &sources.guest_kallsyms {
-                kernel.add_kallsyms(kallsyms).map_err(|source| symbols_error(kallsyms, source))?;
+                kernel
+                    .add_kallsyms(kallsyms)
+                    .map_err(|source| symbols_error(kallsyms, source))?;
             }
             if let Some(vmlinux) = &sources.guest_vmlinux {
-                kernel.add_elf(vmlinux, 0).map_err(|source| symbols_error(vmlinux, source))?;
+                kernel
+                    .add_elf(vmlinux, 0)
+                    .map_err(|source| symbols_error(vmlinux, source))?;
             }
             warnings.extend(kernel.warnings());
             Some(kernel)
@@ -59,13 +65,20 @@ impl Resolver {
         let guest_user = match &sources.guest_user_elf {
             Some(elf) => {
                 let mut user = Symbolizer::new();
-                user.add_elf(elf, 0).map_err(|source| symbols_error(elf, source))?;
+                user.add_elf(elf, 0)
+                    .map_err(|source| symbols_error(elf, source))?;
                 warnings.extend(user.warnings());
                 Some((user, basename(&elf.to_string_lossy())))
             }
             None => None,
         };
-        Ok(Self { guest_kernel, guest_user, mapped: HashMap::new(), cache: HashMap::new(), warnings })
+        Ok(Self {
+            guest_kernel,
+            guest_user,
+            mapped: HashMap::new(),
+            cache: HashMap::new(),
+            warnings,
+        })
     }
 
     pub fn resolve(&mut self, profile: &Profile, pid: i32, frame: Frame) -> Location {
@@ -75,7 +88,8 @@ impl Resolver {
             return found.clone();
         }
         let found = self.resolve_uncached(profile, pid, frame);
-        self.cache.insert((frame.mode, pid_key, frame.addr), found.clone());
+        self.cache
+            .insert((frame.mode, pid_key, frame.addr), found.clone());
         found
     }
 
@@ -83,12 +97,26 @@ impl Resolver {
         let unknown_symbol = format!("{:#018x}", frame.addr);
         match frame.mode {
             Mode::GuestKernel | Mode::HostKernel => {
-                let default_dso = if frame.mode == Mode::GuestKernel { GUEST_KERNEL_DSO } else { HOST_KERNEL_DSO };
-                let symbolizer = if frame.mode == Mode::GuestKernel { self.guest_kernel.as_ref() } else { None };
+                let default_dso = if frame.mode == Mode::GuestKernel {
+                    GUEST_KERNEL_DSO
+                } else {
+                    HOST_KERNEL_DSO
+                };
+                let symbolizer = if frame.mode == Mode::GuestKernel {
+                    self.guest_kernel.as_ref()
+                } else {
+                    None
+                };
                 let (symbol, object) = symbolize(symbolizer, frame.addr);
                 // Modules come back as `[name]`; the core kernel keeps perf's pseudo file name.
-                let dso = object.filter(|o| o.starts_with('[') && !o.contains("kernel")).unwrap_or(default_dso.into());
-                Location { dso, symbol: symbol.unwrap_or(unknown_symbol), mode: frame.mode }
+                let dso = object
+                    .filter(|o| o.starts_with('[') && !o.contains("kernel"))
+                    .unwrap_or(default_dso.into());
+                Location {
+                    dso,
+                    symbol: symbol.unwrap_or(unknown_symbol),
+                    mode: frame.mode,
+                }
             }
             Mode::GuestUser | Mode::HostUser | Mode::Unknown => {
                 let mapping = find_mapping(profile, pid, frame.addr).cloned();
@@ -96,16 +124,30 @@ impl Resolver {
                     if let Some((user, name)) = &self.guest_user {
                         let (symbol, object) = symbolize(Some(user), frame.addr);
                         if let (Some(symbol), Some(_)) = (symbol, object) {
-                            return Location { dso: name.clone(), symbol, mode: frame.mode };
+                            return Location {
+                                dso: name.clone(),
+                                symbol,
+                                mode: frame.mode,
+                            };
                         }
                     }
                 }
                 let Some(mapping) = mapping else {
-                    return Location { dso: "[unknown]".into(), symbol: unknown_symbol, mode: frame.mode };
+                    return Location {
+                        dso: "[unknown]".into(),
+                        symbol: unknown_symbol,
+                        mode: frame.mode,
+                    };
                 };
                 let dso = basename(&mapping.path);
-                let symbol = self.symbolize_mapped(&mapping, frame.addr).unwrap_or(unknown_symbol);
-                Location { dso, symbol, mode: frame.mode }
+                let symbol = self
+                    .symbolize_mapped(&mapping, frame.addr)
+                    .unwrap_or(unknown_symbol);
+                Location {
+                    dso,
+                    symbol,
+                    mode: frame.mode,
+                }
             }
         }
     }
@@ -116,7 +158,11 @@ impl Resolver {
         }
         // Executables sit at their link address; shared objects and PIEs are biased by where the mapping puts
         // their file offset (exact for the usual layout where a segment's file offset equals its address).
-        let bias = if is_elf_executable(Path::new(&mapping.path)) { 0 } else { mapping.start.wrapping_sub(mapping.pgoff) };
+        let bias = if is_elf_executable(Path::new(&mapping.path)) {
+            0
+        } else {
+            mapping.start.wrapping_sub(mapping.pgoff)
+        };
         let symbolizer = self
             .mapped
             .entry((mapping.path.clone(), bias))
@@ -138,15 +184,24 @@ fn is_elf_executable(path: &Path) -> bool {
 }
 
 fn symbolize(symbolizer: Option<&Symbolizer>, addr: u64) -> (Option<String>, Option<String>) {
-    let Some(symbolizer) = symbolizer else { return (None, None) };
-    let Some(result) = symbolizer.symbolize(&[addr]).pop() else { return (None, None) };
+    let Some(symbolizer) = symbolizer else {
+        return (None, None);
+    };
+    let Some(result) = symbolizer.symbolize(&[addr]).pop() else {
+        return (None, None);
+    };
     // Frames are innermost first; the last one is the containing real function, the one perf names.
     let function = result.frames.last().and_then(|f| f.function.clone());
     (function, result.object)
 }
 
 fn find_mapping(profile: &Profile, pid: i32, addr: u64) -> Option<&Mapping> {
-    profile.mappings.get(&pid)?.iter().rev().find(|m| addr >= m.start && addr - m.start < m.len)
+    profile
+        .mappings
+        .get(&pid)?
+        .iter()
+        .rev()
+        .find(|m| addr >= m.start && addr - m.start < m.len)
 }
 
 fn basename(path: &str) -> String {
@@ -154,5 +209,8 @@ fn basename(path: &str) -> String {
 }
 
 fn symbols_error(path: &Path, source: symbols::SymbolsError) -> ReportError {
-    ReportError::Symbols { path: path.to_owned(), source }
+    ReportError::Symbols {
+        path: path.to_owned(),
+        source,
+    }
 }
