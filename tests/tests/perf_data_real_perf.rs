@@ -207,3 +207,23 @@ fn write_errors_are_reported_with_the_path() {
 fn libc_enospc() -> i32 {
     28
 }
+
+#[test]
+fn kernel_build_id_is_read_from_the_kernel_image_when_not_given() {
+    let bins = GuestBinaries::build(&temp_dir("pd-buildid"));
+    let path = bins.dir.join("perf.data");
+    let mut meta = bins.meta(CallchainContext::Plain);
+    meta.guest_kernel_build_id = None;
+    let writer = PerfDataWriter::create(&path, &meta).unwrap();
+    writer.finish().unwrap();
+    let (ids, _) = perf(&["buildid-list", "-i", &path.display().to_string()]);
+    let hex: String = bins
+        .kernel_build_id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        ids.contains(&format!("{hex} [guest.kernel.kallsyms]")),
+        "{ids}"
+    );
+}

@@ -298,3 +298,45 @@ fn cut_and_corrupted_files_never_panic() {
         let _ = run_report(&ReportOptions::new(damaged.clone()), &mut Vec::new());
     }
 }
+
+#[test]
+fn guest_kallsyms_symbolize_like_perf_kvm_guestkallsyms() {
+    let bins = GuestBinaries::build(&temp_dir("rep-kallsyms"));
+    let data = bins.write_recording("perf.data", CallchainContext::Plain);
+    let (nm, _) = (
+        std::process::Command::new("nm")
+            .arg(&bins.vmlinux)
+            .output()
+            .unwrap()
+            .stdout,
+        (),
+    );
+    let kallsyms = bins.dir.join("kallsyms");
+    std::fs::write(&kallsyms, nm).unwrap();
+    let mut options = ReportOptions::new(data.clone());
+    options.symbols.guest_kallsyms = Some(kallsyms.clone());
+    options.children = false;
+    let ours = our_report(&options);
+    let input = data.display().to_string();
+    let flag = format!("--guestkallsyms={}", kallsyms.display());
+    let args = [
+        "kvm",
+        "--host",
+        "--guest",
+        &flag,
+        "report",
+        "-i",
+        &input,
+        "--stdio",
+        "--no-children",
+    ];
+    let (theirs, _) = perf(&args);
+    let theirs = sorted(report_rows(&theirs));
+    assert!(
+        theirs
+            .iter()
+            .any(|r| r.columns.last().unwrap() == "kernel_warm"),
+        "{theirs:?}"
+    );
+    assert_eq!(sorted(report_rows(&ours)), theirs, "{ours}");
+}

@@ -106,6 +106,16 @@ impl PerfDataWriter {
                 return Err(PerfDataError::BuildIdTooLong { len: id.len() });
             }
         }
+        let mut meta = meta.clone();
+        if meta.guest_kernel_build_id.is_none() {
+            // Best effort: a kernel image without a readable build-id note just goes without HEADER_BUILD_ID.
+            if let Some(kernel) = &meta.guest_kernel_path {
+                meta.guest_kernel_build_id = symbols::build_id(kernel)
+                    .ok()
+                    .flatten()
+                    .filter(|id| id.len() <= 20);
+            }
+        }
         let file = File::create(path).map_err(|source| PerfDataError::Create {
             path: path.to_owned(),
             source,
