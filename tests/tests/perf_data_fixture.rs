@@ -162,8 +162,8 @@ impl GuestBinaries {
         writer
             .write_lost(
                 &SampleLoss {
-                    queue_full: 4,
-                    ticks_skipped: 3,
+                    vcpu_not_running: 1,
+                    ticks_skipped: 2,
                     ..Default::default()
                 },
                 last,

@@ -267,3 +267,85 @@ fn put_u32(out: &mut Vec<u8>, value: u32) {
 fn put_u64(out: &mut Vec<u8>, value: u64) {
     out.extend_from_slice(&value.to_le_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_header_is_104_bytes_with_feature_bits() {
+        let data = FileSection {
+            offset: 248,
+            size: 80,
+        };
+        let header = file_header(
+            FileSection {
+                offset: 104,
+                size: FILE_ATTR_SIZE,
+            },
+            data,
+            &[HEADER_BUILD_ID, 70],
+        );
+        assert_eq!(header.len() as u64, FILE_HEADER_SIZE);
+        assert_eq!(&header[..8], b"PERFILE2");
+        assert_eq!(u64::from_le_bytes(header[40..48].try_into().unwrap()), 248);
+        assert_eq!(u64::from_le_bytes(header[48..56].try_into().unwrap()), 80);
+        assert_eq!(
+            u64::from_le_bytes(header[72..80].try_into().unwrap()),
+            1 << HEADER_BUILD_ID
+        );
+        assert_eq!(
+            u64::from_le_bytes(header[80..88].try_into().unwrap()),
+            1 << (70 - 64)
+        );
+    }
+
+    #[test]
+    fn feature_strings_are_nul_terminated_and_padded_to_64() {
+        let s = feature_string("x86_64");
+        assert_eq!(u32::from_le_bytes(s[..4].try_into().unwrap()), 64);
+        assert_eq!(s.len(), 4 + 64);
+        let exact = feature_string(&"a".repeat(64));
+        assert_eq!(
+            u32::from_le_bytes(exact[..4].try_into().unwrap()),
+            128,
+            "room for the NUL"
+        );
+    }
+
+    #[test]
+    fn records_carry_their_size_and_8_byte_alignment() {
+        let id = SampleId {
+            pid: 1000,
+            tid: 1000,
+            time: 5,
+            cpu: 1,
+        };
+        let comm = comm_record(5, 1000, 1000, "cr3:0x1000", &id);
+        assert_eq!(
+            usize::from(u16::from_le_bytes([comm[6], comm[7]])),
+            comm.len()
+        );
+        assert_eq!(comm.len() % 8, 0);
+        let chain = [1u64, 2, 3];
+        let fields = SampleFields {
+            misc: 4,
+            ip: 7,
+            id,
+            period: 1,
+            callchain: Some(&chain),
+        };
+        let sample = sample_record(&fields);
+        assert_eq!(sample.len(), 8 + 8 + 8 + 8 + 8 + 8 + 8 + 24);
+    }
+
+    #[test]
+    fn build_ids_longer_than_20_bytes_are_refused() {
+        assert!(build_id_event(4, 0, &[0xab; 21], "[guest.kernel.kallsyms]").is_none());
+        let event = build_id_event(4, 0, &[0xab; 20], "[guest.kernel.kallsyms]").unwrap();
+        assert_eq!(event[8 + 4 + 20], 20, "size byte after the id");
+        // perf's layout: 36-byte struct, then the name padded to 64 (not 8-aligned overall).
+        assert_eq!(event.len(), 36 + 64);
+        assert_eq!(usize::from(u16::from_le_bytes([event[6], event[7]])), event.len());
+    }
+}

@@ -40,3 +40,19 @@ pub fn parse_address_space_comm(comm: &str) -> Option<u64> {
     let hex = comm.strip_prefix("cr3:0x")?;
     u64::from_str_radix(hex, 16).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_space_comm_round_trips() {
+        assert_eq!(address_space_comm(0x1234_5000), "cr3:0x12345000");
+        assert_eq!(
+            parse_address_space_comm(&address_space_comm(0x1234_5000)),
+            Some(0x1234_5000)
+        );
+        assert_eq!(parse_address_space_comm("bash"), None);
+        assert_eq!(parse_address_space_comm("cr3:0xzz"), None);
+    }
+}

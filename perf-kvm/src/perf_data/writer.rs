@@ -92,7 +92,6 @@ pub struct PerfDataWriter {
     period_ns: u64,
     /// CR3 → pid, in order of first appearance.
     address_spaces: HashMap<u64, u32>,
-    lost_so_far: SampleLoss,
 }
 
 impl PerfDataWriter {
@@ -135,9 +134,8 @@ impl PerfDataWriter {
             data_size: 0,
             period_ns: (1_000_000_000 / meta.freq_hz).max(1),
             address_spaces: HashMap::new(),
-            lost_so_far: SampleLoss::default(),
         };
-        // Data size 0 marks the file unfinished until `finish` rewrites the header.
+        // Data size 0 and no features: unfinished, until `flush` and `finish` rewrite the header.
         let header = encode::file_header(
             attrs_section,
             FileSection {
@@ -252,21 +250,19 @@ impl PerfDataWriter {
         self.put_record(&record)
     }
 
-    /// Records loss: `total` is the running total since recording started; only the growth is written.
-    pub fn write_lost(&mut self, total: &SampleLoss, time_ns: u64) -> Result<(), PerfDataError> {
-        let before = loss_sum(&self.lost_so_far);
-        let now = loss_sum(total);
-        if now <= before {
+    /// Records samples lost since the previous call (`delta`, all causes together: perf has one count).
+    pub fn write_lost(&mut self, delta: &SampleLoss, time_ns: u64) -> Result<(), PerfDataError> {
+        let lost = loss_sum(delta);
+        if lost == 0 {
             return Ok(());
         }
-        self.lost_so_far = *total;
         let id = SampleId {
             pid: DEFAULT_GUEST_KERNEL_ID,
             tid: DEFAULT_GUEST_KERNEL_ID,
             time: time_ns,
             cpu: 0,
         };
-        self.put_record(&encode::lost_samples_record(now - before, &id))
+        self.put_record(&encode::lost_samples_record(lost, &id))
     }
 
     /// Pushes buffered records to the file and records their extent in the header, so that a killed recorder
