@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use perf_kvm::report::{run_report, ReportOptions, SortKey, SymbolSources};
+use perf_kvm::report::{run_report, ReportError, ReportOptions, SortKey, SymbolSources};
 
 #[derive(clap::Args)]
 pub struct ReportArgs {
@@ -61,7 +61,12 @@ pub fn run(args: ReportArgs) -> anyhow::Result<i32> {
         ..ReportOptions::new(args.input)
     };
     let stdout = std::io::stdout();
-    let summary = run_report(&options, &mut stdout.lock())?;
+    let summary = match run_report(&options, &mut stdout.lock()) {
+        Ok(summary) => summary,
+        // `perf-kvm report | head` is not an error.
+        Err(ReportError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
     for warning in &summary.warnings {
         eprintln!("perf-kvm report: warning: {warning}");
     }
