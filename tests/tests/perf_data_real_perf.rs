@@ -227,3 +227,25 @@ fn kernel_build_id_is_read_from_the_kernel_image_when_not_given() {
         "{ids}"
     );
 }
+
+#[test]
+fn perf_symbolizes_without_a_known_kernel_range() {
+    let bins = GuestBinaries::build(&temp_dir("pd-norange"));
+    let path = bins.dir.join("perf.data");
+    let mut meta = bins.meta(CallchainContext::Plain);
+    meta.guest_kernel_range = None;
+    let mut writer = PerfDataWriter::create(&path, &meta).unwrap();
+    for sample in &bins.samples() {
+        writer.write_sample(sample).unwrap();
+    }
+    writer.finish().unwrap();
+    let rows = report_rows(&guest_report(&bins, &path, "dso,sym"));
+    let kernel_hot = rows
+        .iter()
+        .find(|r| r.columns.last().map(String::as_str) == Some("kernel_hot"));
+    assert_eq!(kernel_hot.map(|r| r.percent), Some(60.0), "{rows:?}");
+    let user_hot = rows
+        .iter()
+        .find(|r| r.columns.last().map(String::as_str) == Some("user_hot"));
+    assert_eq!(user_hot.map(|r| r.percent), Some(20.0), "{rows:?}");
+}
