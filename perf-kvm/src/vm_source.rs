@@ -31,7 +31,6 @@ pub fn interrupted() -> bool {
 pub struct StartedVm {
     pub control: vmm::VmControl,
     pub stream: Option<SampleStream>,
-    pub caps: HostCaps,
     pub run_args: RunArgs,
     ended: Arc<AtomicBool>,
     end: std::thread::JoinHandle<VmEnd>,
@@ -56,7 +55,7 @@ impl StartedVm {
             flag.store(true, Ordering::SeqCst);
             end
         })?;
-        Ok(StartedVm { control, stream, caps, run_args, ended, end })
+        Ok(StartedVm { control, stream, run_args, ended, end })
     }
 
     pub fn has_ended(&self) -> bool {
