@@ -133,6 +133,8 @@ impl GdbListener {
         Ok(GdbConnection {
             stream,
             outgoing: Vec::new(),
+            last_sent: Vec::new(),
+            framer: PacketFramer::default(),
         })
     }
 }
@@ -151,11 +153,90 @@ enum Stream {
     Unix(UnixStream),
 }
 
-/// One gdb connection. Writes are buffered until `flush`, so a response leaves in one segment.
+/// One gdb connection. Writes are buffered until `flush`, so a response leaves in one segment. Incoming bytes
+/// pass a framer that drops line noise and nacks corrupted packets, which `gdbstub` would treat as fatal.
 #[derive(Debug)]
 pub struct GdbConnection {
     stream: Stream,
     outgoing: Vec<u8>,
+    /// The last flushed reply, for gdb's nack (`-`), which `gdbstub` itself treats as fatal.
+    last_sent: Vec<u8>,
+    framer: PacketFramer,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum FrameState {
+    #[default]
+    Outside,
+    Body,
+    Checksum1,
+    Checksum2,
+}
+
+/// Splits the byte stream into whole packets (`$body#xx`) and the single-byte acks, nacks and interrupts.
+#[derive(Debug, Default)]
+struct PacketFramer {
+    state: FrameState,
+    packet: Vec<u8>,
+}
+
+/// What one incoming byte amounts to.
+#[derive(Debug, PartialEq, Eq)]
+enum Framed {
+    Nothing,
+    Pass(Vec<u8>),
+    /// A packet arrived corrupted; ask gdb to send it again.
+    Nack,
+    /// gdb asks for our last reply again.
+    Resend,
+}
+
+impl PacketFramer {
+    fn push(&mut self, byte: u8) -> Framed {
+        match (self.state, byte) {
+            (FrameState::Outside, b'$') => {
+                self.packet.clear();
+                self.packet.push(byte);
+                self.state = FrameState::Body;
+                Framed::Nothing
+            }
+            (FrameState::Outside, b'-') => Framed::Resend,
+            (FrameState::Outside, b'+' | 0x03) => Framed::Pass(vec![byte]),
+            (FrameState::Outside, _) => Framed::Nothing,
+            (FrameState::Body, _) => {
+                self.packet.push(byte);
+                if byte == b'#' {
+                    self.state = FrameState::Checksum1;
+                }
+                Framed::Nothing
+            }
+            (FrameState::Checksum1, _) => {
+                self.packet.push(byte);
+                self.state = FrameState::Checksum2;
+                Framed::Nothing
+            }
+            (FrameState::Checksum2, _) => {
+                self.packet.push(byte);
+                self.state = FrameState::Outside;
+                let packet = std::mem::take(&mut self.packet);
+                if checksum_matches(&packet) {
+                    Framed::Pass(packet)
+                } else {
+                    Framed::Nack
+                }
+            }
+        }
+    }
+}
+
+fn checksum_matches(packet: &[u8]) -> bool {
+    let (framed, checksum) = packet.split_at(packet.len() - 2);
+    let body = &framed[1..framed.len() - 1];
+    let sum = body.iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
+    std::str::from_utf8(checksum)
+        .ok()
+        .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        == Some(sum)
 }
 
 impl GdbConnection {
@@ -179,7 +260,19 @@ impl GdbConnection {
                 other => break other?,
             }
         };
-        incoming.extend(&buf[..n]);
+        for byte in &buf[..n] {
+            match self.framer.push(*byte) {
+                Framed::Nothing => {}
+                Framed::Pass(bytes) => incoming.extend(bytes),
+                Framed::Nack => self.send_all(b"-")?,
+                Framed::Resend => {
+                    let last = std::mem::take(&mut self.last_sent);
+                    let result = self.send_all(&last);
+                    self.last_sent = last;
+                    result?;
+                }
+            }
+        }
         Ok(n)
     }
 
@@ -221,8 +314,7 @@ impl gdbstub::conn::Connection for GdbConnection {
         }
         let outgoing = std::mem::take(&mut self.outgoing);
         let result = self.send_all(&outgoing);
-        self.outgoing = outgoing;
-        self.outgoing.clear();
+        self.last_sent = outgoing;
         result
     }
 }
@@ -250,5 +342,29 @@ mod tests {
             GdbAddress::Unix("/tmp/x.sock".into())
         );
         assert!("localhost:zz".parse::<GdbAddress>().is_err());
+    }
+
+    fn frame(input: &[u8]) -> Vec<Framed> {
+        let mut framer = PacketFramer::default();
+        input
+            .iter()
+            .map(|b| framer.push(*b))
+            .filter(|f| *f != Framed::Nothing)
+            .collect()
+    }
+
+    #[test]
+    fn framer_drops_noise_and_nacks_bad_checksums() {
+        assert_eq!(
+            frame(b"xx+$g#67\x03$g#00-"),
+            vec![
+                Framed::Pass(b"+".to_vec()),
+                Framed::Pass(b"$g#67".to_vec()),
+                Framed::Pass(vec![3]),
+                Framed::Nack,
+                Framed::Resend
+            ]
+        );
+        assert_eq!(frame(b"$m#zz"), vec![Framed::Nack]);
     }
 }

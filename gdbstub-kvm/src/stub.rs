@@ -183,7 +183,8 @@ fn next_byte(
     connection: &mut GdbConnection,
     incoming: &mut VecDeque<u8>,
 ) -> Result<Option<u8>, StubError> {
-    if incoming.is_empty() {
+    // Line noise can make a read yield nothing for the stub: read again.
+    while incoming.is_empty() {
         match connection.read_into(incoming) {
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
