@@ -529,3 +529,103 @@ fn malformed_packets_end_the_session_without_panicking() {
     );
     assert!(observer.wait_for_progress(1_000, PATIENCE));
 }
+
+#[test]
+fn a_crashed_vcpu_is_reported_as_sigsegv_and_stays_inspectable() {
+    let server = Server::start(2);
+    let out = run_gdb(
+        &server.address,
+        &[
+            "set {char}$pc = 0x0f",
+            "continue",
+            "p/x $pc",
+            "info threads",
+            "detach",
+        ],
+    );
+    assert!(out.contains("Thread 1 received signal SIGSEGV"));
+    assert!(out.contains(&format!("$1 = {}", hex(program_address(0)))));
+    assert!(matches!(server.finish().0, Ok(SessionEnd::Detached)));
+}
+
+#[test]
+fn kill_is_handed_to_the_vmm_and_the_guest_keeps_running() {
+    let server = Server::start(1);
+    let out = run_gdb(&server.address, &["kill"]);
+    assert!(
+        !out.contains("Traceback") && !out.contains("internal-error"),
+        "gdb handled kill"
+    );
+    let observer = server.observer.clone();
+    let (end, _target) = server.finish();
+    assert!(matches!(end, Ok(SessionEnd::KillRequested)), "{end:?}");
+    assert!(observer.wait_for_progress(1_000, PATIENCE));
+}
+
+#[test]
+fn a_refused_hardware_breakpoint_fails_in_gdb_without_ending_the_session() {
+    let server = Server::start(1);
+    let mut commands: Vec<String> = (0..5)
+        .map(|i| format!("hbreak *{}", hex(program_address(0) + 0x20 + i)))
+        .collect();
+    commands.extend([
+        "continue".to_owned(),
+        "delete".to_owned(),
+        "stepi".to_owned(),
+        "p/x $pc".to_owned(),
+        "detach".to_owned(),
+    ]);
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let out = run_gdb(&server.address, &commands);
+    assert!(out.contains("Cannot insert hardware breakpoint 5."));
+    assert!(
+        out.contains(&format!("$1 = {}", hex(program_address(0) + 1))),
+        "the session went on"
+    );
+    assert!(matches!(server.finish().0, Ok(SessionEnd::Detached)));
+}
+
+#[test]
+fn large_reads_use_large_packets() {
+    let server = Server::start(1);
+    let dump = std::env::temp_dir().join(format!("gdbstub-kvm-dump-{}.bin", std::process::id()));
+    let start = program_address(0);
+    let len = 0x8000u64; // everything below the hole
+    let out = run_gdb(
+        &server.address,
+        &[
+            "set debug remote 1",
+            &format!(
+                "dump binary memory {} {} {}",
+                dump.display(),
+                hex(start),
+                hex(start + len)
+            ),
+            "set debug remote 0",
+            "detach",
+        ],
+    );
+    let memory_reads = out
+        .lines()
+        .filter(|l| l.contains("Sending packet: $m"))
+        .count();
+    assert!(
+        (1..=2).contains(&memory_reads),
+        "32 KiB in at most two packets, got {memory_reads}"
+    );
+    let dumped = std::fs::read(&dump).unwrap();
+    let _ = std::fs::remove_file(&dump);
+    let (_, mut target) = server.finish();
+    let mut expected = vec![0u8; len as usize];
+    assert_eq!(
+        target.read_memory(0, start, &mut expected).unwrap(),
+        len as usize
+    );
+    assert_eq!(dumped.len(), expected.len());
+    // Stop before the data the guest keeps storing to now that it runs again.
+    let code = (data_address(0) - start) as usize;
+    assert!(
+        dumped[..code] == expected[..code],
+        "dumped bytes differ from guest memory"
+    );
+}
