@@ -50,6 +50,11 @@ pub fn serve<T: DebugTarget>(
     connection: GdbConnection,
     target: &mut T,
 ) -> Result<SessionEnd, StubError> {
+    if target.vcpu_count() == 0 {
+        return Err(StubError::Target(TargetError::refused(
+            "the target has no vCPUs to debug",
+        )));
+    }
     target.pause_all().map_err(StubError::Target)?;
     let mut adapter = Adapter::new(target);
     let outcome = run_session(connection, &mut adapter);
