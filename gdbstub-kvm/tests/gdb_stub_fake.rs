@@ -335,7 +335,7 @@ fn interrupt_stops_a_running_guest() {
     let server = Server::start(2);
     let gdb = spawn_gdb(
         &server.address,
-        &["continue", "info threads", "p $_siginfo", "detach"],
+        &["continue", "info threads", "monitor info vcpus", "detach"],
     );
     assert!(
         server.observer.wait_until_running(PATIENCE),
@@ -347,6 +347,12 @@ fn interrupt_stops_a_running_guest() {
     let out = collect_output(gdb);
     assert!(out.contains("received signal SIGINT, Interrupt."));
     assert!(out.contains("Thread 1.1 (vCPU 0)") && out.contains("Thread 1.2 (vCPU 1)"));
+    // All-stop: the interrupt stopped every vCPU, not only the reported one.
+    let stopped = out
+        .lines()
+        .filter(|l| l.starts_with("vCPU ") && l.ends_with(" stopped"))
+        .count();
+    assert_eq!(stopped, 2, "both vCPUs stopped");
     let (end, _) = server.finish();
     assert!(matches!(end, Ok(SessionEnd::Detached)));
 }
@@ -628,4 +634,31 @@ fn large_reads_use_large_packets() {
         dumped[..code] == expected[..code],
         "dumped bytes differ from guest memory"
     );
+}
+
+#[test]
+fn scheduler_locking_continues_only_the_selected_vcpu() {
+    let server = Server::start(2);
+    // vCPU 0 reaches its breakpoint after one instruction, vCPU 1 only after three: without
+    // locking vCPU 0 would stop first.
+    let out = run_gdb(
+        &server.address,
+        &[
+            &format!("break *{}", hex(program_address(0) + 1)),
+            &format!("break *{}", hex(program_address(1) + LOAD_OFFSET)),
+            "set scheduler-locking on",
+            "thread 2",
+            "continue",
+            "thread 1",
+            "p/x $pc",
+            "detach",
+        ],
+    );
+    let bp = hex(program_address(1) + LOAD_OFFSET);
+    assert!(out.contains(&format!("Thread 2 hit Breakpoint 2, {bp}")));
+    assert!(
+        out.contains(&format!("$1 = {}", hex(program_address(0)))),
+        "vCPU 0 stayed put"
+    );
+    assert!(matches!(server.finish().0, Ok(SessionEnd::Detached)));
 }
