@@ -122,14 +122,24 @@ pub trait DebugTarget {
 
     /// Starts the listed vCPUs, each with its action, and returns without waiting for them to stop. vCPUs not
     /// listed stay stopped (gdb's scheduler locking). Called only while stopped; `actions` names each vCPU at most
-    /// once and is never empty. If an action is impossible on this host (e.g. stepping ring-3 code on PVM), return
-    /// [`TargetError::Refused`] with a message saying so and start nothing.
+    /// once and is never empty. When a stepped vCPU finishes its instruction, the target stops the others too
+    /// (all-stop) and queues [`StopReason::StepDone`]; another vCPU's event may win the race and be reported
+    /// instead, which gdb handles. If an action is impossible on this host (e.g. stepping ring-3 code on PVM),
+    /// return [`TargetError::Refused`] with a message saying so and start nothing: the stub shows the message in
+    /// gdb and reports an immediate stop. A vCPU resumed at the address of a hardware breakpoint it stopped on
+    /// must execute that instruction instead of re-reporting the breakpoint (x86's RF flag; on PVM: clear DR7,
+    /// single-step once, re-arm).
     fn resume(&mut self, actions: &[(VcpuIndex, ResumeAction)]) -> Result<(), TargetError>;
 
-    /// The vCPU's registers. Called only while stopped.
+    /// The vCPU's full register state, FPU/SSE included (`GuestRegisters::fpu` must be filled here even if
+    /// other users of the type skip it). Called only while stopped.
     fn read_registers(&mut self, vcpu: VcpuIndex) -> Result<GuestRegisters, TargetError>;
 
-    /// Replaces the vCPU's registers (gdb writes the whole set after changing one). Called only while stopped.
+    /// Replaces the vCPU's register state. The stub passes a full snapshot: what `read_registers` returned,
+    /// with the registers gdb knows overlaid (gdb writes its whole set after changing one). State gdb cannot see
+    /// (a segment's hidden base/limit/attributes except the fs/gs bases, rflags bits 32-63, the x87 pointers'
+    /// upper bits) is as `read_registers` returned it, so writing the snapshot back wholesale (`SET_REGS`,
+    /// `SET_SREGS`, `SET_FPU`, `MSR_KERNEL_GS_BASE`) is correct. Called only while stopped.
     fn write_registers(
         &mut self,
         vcpu: VcpuIndex,
@@ -187,9 +197,10 @@ pub trait DebugTarget {
 /// `KVM_GUESTDBG_USE_SW_BP`), and uses the table to tell its own int3s from the guest's. All methods are called
 /// only while the target is stopped.
 pub trait SwBreakpoints {
-    /// Plants a breakpoint at `gva` (in the address space of the current vCPU's page tables). Adding an address
-    /// that already has one is a no-op success. Refuse with [`TargetError::Refused`] where the host cannot trap
-    /// it (e.g. user-space addresses on PVM).
+    /// Plants a breakpoint at `gva`. gdb's breakpoint packets carry no thread, so translate with any vCPU's page
+    /// tables (kernel mappings are shared; use vCPU 0's). Adding an address that already has one is a no-op
+    /// success. Refuse with [`TargetError::Refused`] where the host cannot trap it (e.g. user-space addresses on
+    /// PVM, where int3 at CPL 3 goes to the guest).
     fn add_sw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError>;
     /// Removes a breakpoint and restores the original byte. Removing an unknown address is an error.
     fn remove_sw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError>;
@@ -207,7 +218,10 @@ pub trait HwBreakpoints {
 }
 
 /// Data watchpoints of any size. The target chooses the mechanism (debug registers, or page protection where data
-/// breakpoints never fire, as on PVM).
+/// breakpoints never fire, as on PVM). Ranges are guest virtual, translated like software breakpoints. A stop is
+/// reported after the access completed, with RIP past the accessing instruction, as [`StopReason::Watchpoint`]
+/// carrying the accessed guest virtual address (gdb matches it against its watchpoints). gdb itself compares old
+/// and new values for `watch` and silently resumes when a store did not change the value.
 pub trait Watchpoints {
     fn add_watchpoint(&mut self, gva: u64, len: u64, kind: WatchKind) -> Result<(), TargetError>;
     fn remove_watchpoint(&mut self, gva: u64, len: u64, kind: WatchKind)
