@@ -15,12 +15,14 @@ mod adapter;
 pub mod arch;
 pub mod connection;
 pub mod regs;
+pub mod stop_queue;
 pub mod stub;
 pub mod target;
 pub mod testing;
 
 pub use connection::{ConnectionError, GdbAddress, GdbConnection, GdbListener};
 pub use regs::{FpuState, GuestRegisters, Segment};
+pub use stop_queue::{StopQueue, StopQueueError};
 pub use stub::{serve, SessionEnd, StubError, PACKET_SIZE};
 pub use target::{
     DebugTarget, HwBreakpoints, ResumeAction, StopEvent, StopReason, SwBreakpoints, TargetError,

@@ -10,13 +10,14 @@
 //! `al` to port [`EXIT_PORT`] ends the guest with status `al`; [`EXIT_STUB`] holds such an instruction.
 //! Single-stepping a vCPU at CPL 3 is refused, as on a PVM host.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::regs::GuestRegisters;
+use crate::stop_queue::{StopQueue, StopQueueError};
 use crate::target::{
     DebugTarget, HwBreakpoints, ResumeAction, StopEvent, StopReason, SwBreakpoints, TargetError,
     VcpuIndex, WatchKind, Watchpoints,
@@ -79,7 +80,6 @@ struct FakeState {
     sw_breakpoints: BTreeMap<u64, u8>,
     hw_breakpoints: Vec<u64>,
     watchpoints: Vec<(u64, u64, WatchKind)>,
-    events: VecDeque<StopEvent>,
     instructions_executed: u64,
     shutdown: bool,
 }
@@ -88,7 +88,7 @@ struct Shared {
     state: Mutex<FakeState>,
     /// Signalled when vCPUs are resumed, on shutdown, and after each executed batch.
     changed: Condvar,
-    event_fd: OwnedFd,
+    stops: StopQueue,
 }
 
 impl Shared {
@@ -97,25 +97,6 @@ impl Shared {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn signal_event(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to an eventfd this struct owns.
-        unsafe { libc::write(self.event_fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-    }
-
-    fn reset_event(&self) {
-        let mut counter = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live buffer from a non-blocking eventfd this struct owns; EAGAIN
-        // (already reset) is fine.
-        unsafe {
-            libc::read(
-                self.event_fd.as_raw_fd(),
-                counter.as_mut_ptr().cast(),
-                counter.len(),
-            )
-        };
     }
 }
 
@@ -135,8 +116,8 @@ pub struct FakeObserver {
 pub enum FakeTargetError {
     #[error("a fake target needs at least one vCPU")]
     NoVcpus,
-    #[error("cannot create the stop-event eventfd")]
-    EventFd(#[source] std::io::Error),
+    #[error("cannot create the stop queue")]
+    StopQueue(#[source] StopQueueError),
     #[error("cannot start the executor thread")]
     Thread(#[source] std::io::Error),
 }
@@ -147,27 +128,20 @@ impl FakeTarget {
         if vcpu_count == 0 {
             return Err(FakeTargetError::NoVcpus);
         }
-        // SAFETY: eventfd takes no pointers; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(FakeTargetError::EventFd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a freshly created descriptor nothing else owns.
-        let event_fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let stops = StopQueue::new().map_err(FakeTargetError::StopQueue)?;
         let state = FakeState {
             memory: initial_memory(vcpu_count),
             vcpus: (0..vcpu_count).map(initial_vcpu).collect(),
             sw_breakpoints: BTreeMap::new(),
             hw_breakpoints: Vec::new(),
             watchpoints: Vec::new(),
-            events: VecDeque::new(),
             instructions_executed: 0,
             shutdown: false,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             changed: Condvar::new(),
-            event_fd,
+            stops,
         });
         let executor_shared = Arc::clone(&shared);
         let executor = std::thread::Builder::new()
@@ -416,8 +390,7 @@ fn run_executor(shared: &Shared) {
                 if let Some(reason) = state.execute_one(vcpu) {
                     // All-stop: nobody runs past another vCPU's stop.
                     state.vcpus.iter_mut().for_each(|v| v.run = None);
-                    state.events.push_back(StopEvent { vcpu, reason });
-                    shared.signal_event();
+                    shared.stops.push(StopEvent { vcpu, reason });
                     break 'batch;
                 }
             }
@@ -523,16 +496,11 @@ impl DebugTarget for FakeTarget {
     }
 
     fn stop_event_fd(&self) -> RawFd {
-        self.shared.event_fd.as_raw_fd()
+        self.shared.stops.fd()
     }
 
     fn take_stop_event(&mut self) -> Option<StopEvent> {
-        let mut state = self.shared.lock();
-        let event = state.events.pop_front();
-        if state.events.is_empty() {
-            self.shared.reset_event();
-        }
-        event
+        self.shared.stops.take()
     }
 
     fn as_sw_breakpoints(&mut self) -> Option<&mut dyn SwBreakpoints> {
