@@ -97,7 +97,14 @@ impl<'t, T: DebugTarget> Adapter<'t, T> {
     }
 
     /// The gdb stop reply for a target event.
-    pub(crate) fn stop_reason(&mut self, event: StopEvent) -> MultiThreadStopReason<u64> {
+    pub(crate) fn stop_reason(&mut self, mut event: StopEvent) -> MultiThreadStopReason<u64> {
+        if event.vcpu >= self.target.vcpu_count() {
+            report(&format!(
+                "target reported a stop on nonexistent vCPU {}",
+                event.vcpu
+            ));
+            event.vcpu = 0;
+        }
         let tid = tid_of(event.vcpu);
         self.focus_vcpu = event.vcpu;
         let trap = MultiThreadStopReason::SignalWithThread {

@@ -122,6 +122,12 @@ fn run_session<T: DebugTarget>(
                                     StopReason::Exited { status } => Some(status),
                                     _ => None,
                                 };
+                                if let StopReason::Crashed { description } = &event.reason {
+                                    // gdb shows console output that precedes a stop reply.
+                                    let line =
+                                        format!("vCPU {} crashed: {description}\n", event.vcpu);
+                                    let _ = inner.borrow_conn().send_console_output(&line);
+                                }
                                 let stop = adapter.stop_reason(event);
                                 let next = inner.report_stop(adapter, stop).map_err(protocol)?;
                                 if let Some(status) = exit {

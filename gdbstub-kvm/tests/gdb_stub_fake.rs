@@ -570,6 +570,11 @@ fn a_crashed_vcpu_is_reported_as_sigsegv_and_stays_inspectable() {
         ],
     );
     assert!(out.contains("Thread 1 received signal SIGSEGV"));
+    let reason = format!(
+        "vCPU 0 crashed: undefined opcode 0x0f at {}",
+        hex(program_address(0))
+    );
+    assert!(out.contains(&reason), "the reason is shown in gdb");
     assert!(out.contains(&format!("$1 = {}", hex(program_address(0)))));
     assert!(matches!(server.finish().0, Ok(SessionEnd::Detached)));
 }
