@@ -43,7 +43,7 @@ struct Installed {
     watchpoints: Vec<(u64, u64, WatchKind)>,
 }
 
-pub(crate) struct Adapter<'t, T: DebugTarget> {
+pub(crate) struct Adapter<'t, T: DebugTarget + ?Sized> {
     pub(crate) target: &'t mut T,
     actions: Vec<Option<ResumeAction>>,
     scheduler_locked: bool,
@@ -54,7 +54,7 @@ pub(crate) struct Adapter<'t, T: DebugTarget> {
     pub(crate) focus_vcpu: VcpuIndex,
 }
 
-impl<'t, T: DebugTarget> Adapter<'t, T> {
+impl<'t, T: DebugTarget + ?Sized> Adapter<'t, T> {
     pub(crate) fn new(target: &'t mut T) -> Self {
         let count = target.vcpu_count();
         Adapter {
@@ -172,7 +172,7 @@ fn breakpoint_result(
     }
 }
 
-impl<T: DebugTarget> Target for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> Target for Adapter<'_, T> {
     type Arch = X86_64Kvm;
     type Error = TargetError;
 
@@ -195,7 +195,7 @@ impl<T: DebugTarget> Target for Adapter<'_, T> {
     }
 }
 
-impl<T: DebugTarget> MultiThreadBase for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> MultiThreadBase for Adapter<'_, T> {
     fn read_registers(&mut self, regs: &mut GuestRegisters, tid: Tid) -> TargetResult<(), Self> {
         let vcpu = self.vcpu(tid).map_err(nonfatal)?;
         *regs = self.target.read_registers(vcpu).map_err(nonfatal)?;
@@ -257,7 +257,7 @@ impl<T: DebugTarget> MultiThreadBase for Adapter<'_, T> {
     }
 }
 
-impl<T: DebugTarget> MultiThreadResume for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> MultiThreadResume for Adapter<'_, T> {
     fn resume(&mut self) -> Result<(), Self::Error> {
         let default = (!self.scheduler_locked).then_some(ResumeAction::Continue);
         let actions: Vec<(VcpuIndex, ResumeAction)> = self
@@ -308,7 +308,7 @@ impl<T: DebugTarget> MultiThreadResume for Adapter<'_, T> {
     }
 }
 
-impl<T: DebugTarget> MultiThreadSingleStep for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> MultiThreadSingleStep for Adapter<'_, T> {
     fn set_resume_action_step(
         &mut self,
         tid: Tid,
@@ -320,14 +320,14 @@ impl<T: DebugTarget> MultiThreadSingleStep for Adapter<'_, T> {
     }
 }
 
-impl<T: DebugTarget> MultiThreadSchedulerLocking for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> MultiThreadSchedulerLocking for Adapter<'_, T> {
     fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Self::Error> {
         self.scheduler_locked = true;
         Ok(())
     }
 }
 
-impl<T: DebugTarget> ThreadExtraInfo for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> ThreadExtraInfo for Adapter<'_, T> {
     fn thread_extra_info(&self, tid: Tid, buf: &mut [u8]) -> Result<usize, Self::Error> {
         let text = format!("vCPU {}", vcpu_of(tid));
         let n = text.len().min(buf.len());
@@ -336,7 +336,7 @@ impl<T: DebugTarget> ThreadExtraInfo for Adapter<'_, T> {
     }
 }
 
-impl<T: DebugTarget> Breakpoints for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> Breakpoints for Adapter<'_, T> {
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
         self.target.as_sw_breakpoints().is_some().then_some(self)
     }
@@ -350,7 +350,7 @@ impl<T: DebugTarget> Breakpoints for Adapter<'_, T> {
     }
 }
 
-impl<T: DebugTarget> SwBreakpoint for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> SwBreakpoint for Adapter<'_, T> {
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         let Some(sw) = self.target.as_sw_breakpoints() else {
             return Ok(false);
@@ -372,7 +372,7 @@ impl<T: DebugTarget> SwBreakpoint for Adapter<'_, T> {
     }
 }
 
-impl<T: DebugTarget> HwBreakpoint for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> HwBreakpoint for Adapter<'_, T> {
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         let Some(hw) = self.target.as_hw_breakpoints() else {
             return Ok(false);
@@ -402,7 +402,7 @@ fn watch_kind(kind: gdbstub::target::ext::breakpoints::WatchKind) -> WatchKind {
     }
 }
 
-impl<T: DebugTarget> HwWatchpoint for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> HwWatchpoint for Adapter<'_, T> {
     fn add_hw_watchpoint(
         &mut self,
         addr: u64,
@@ -443,7 +443,7 @@ impl<T: DebugTarget> HwWatchpoint for Adapter<'_, T> {
     }
 }
 
-impl<T: DebugTarget> MonitorCmd for Adapter<'_, T> {
+impl<T: DebugTarget + ?Sized> MonitorCmd for Adapter<'_, T> {
     fn handle_monitor_cmd(
         &mut self,
         cmd: &[u8],

@@ -46,7 +46,7 @@ pub enum StubError {
 ///
 /// A protocol error (e.g. malformed packets) ends the session with [`StubError::Protocol`]; the target is still
 /// resumed first.
-pub fn serve<T: DebugTarget>(
+pub fn serve<T: DebugTarget + ?Sized>(
     connection: GdbConnection,
     target: &mut T,
 ) -> Result<SessionEnd, StubError> {
@@ -66,7 +66,7 @@ pub fn serve<T: DebugTarget>(
 }
 
 /// Takes out what gdb installed and lets every vCPU run, whatever state the session ended in.
-fn leave_running<T: DebugTarget>(adapter: &mut Adapter<'_, T>) -> Result<(), StubError> {
+fn leave_running<T: DebugTarget + ?Sized>(adapter: &mut Adapter<'_, T>) -> Result<(), StubError> {
     adapter.target.pause_all().map_err(StubError::Target)?;
     adapter.remove_all_installed();
     // Stops that raced with the end of the session concern nobody now.
@@ -77,7 +77,7 @@ fn leave_running<T: DebugTarget>(adapter: &mut Adapter<'_, T>) -> Result<(), Stu
     adapter.target.resume(&all).map_err(StubError::Target)
 }
 
-fn run_session<T: DebugTarget>(
+fn run_session<T: DebugTarget + ?Sized>(
     connection: GdbConnection,
     adapter: &mut Adapter<'_, T>,
 ) -> Result<SessionEnd, StubError> {
@@ -175,7 +175,7 @@ fn run_session<T: DebugTarget>(
 }
 
 /// Sends whatever the last step queued (gdbstub leaves acks of resume packets unflushed until the stop reply).
-fn flush<'a, T: DebugTarget>(
+fn flush<'a, T: DebugTarget + ?Sized>(
     mut machine: GdbStubStateMachine<'a, Adapter<'a, T>, GdbConnection>,
 ) -> Result<GdbStubStateMachine<'a, Adapter<'a, T>, GdbConnection>, StubError> {
     let result = match &mut machine {

@@ -107,6 +107,17 @@ impl TargetError {
             message: message.into(),
         }
     }
+
+    /// A [`TargetError::Failed`] saying what was being done, with the underlying error.
+    pub fn failed(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        TargetError::Failed {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
 }
 
 /// The core of a debuggable VM. Capabilities beyond it are opt-in through the `as_*` methods.

@@ -687,3 +687,17 @@ fn scheduler_locking_continues_only_the_selected_vcpu() {
     );
     assert!(matches!(server.finish().0, Ok(SessionEnd::Detached)));
 }
+
+#[test]
+fn serve_accepts_a_trait_object() {
+    let listener = GdbListener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
+    let address = listener.local_address().unwrap().to_string();
+    let mut fake = FakeTarget::new(1).unwrap();
+    let server = std::thread::spawn(move || {
+        let target: &mut dyn DebugTarget = &mut fake;
+        gdbstub_kvm::serve(listener.accept().unwrap(), target)
+    });
+    let out = run_gdb(&address, &["p/x $efer", "detach"]);
+    assert!(out.contains(&format!("$1 = {}", hex(INITIAL_EFER))));
+    assert!(matches!(server.join().unwrap(), Ok(SessionEnd::Detached)));
+}
