@@ -95,11 +95,11 @@ fn run_session<T: DebugTarget + ?Sized>(
     loop {
         machine = match machine {
             GdbStubStateMachine::Idle(mut inner) => {
-                let Some(byte) = next_byte(inner.borrow_conn(), &mut incoming)? else {
+                let Some(byte) = next_byte(inner.borrow_conn(), &mut incoming) else {
                     return Ok(SessionEnd::ConnectionLost);
                 };
                 let next = inner.incoming_data(adapter, byte).map_err(protocol)?;
-                flush(next)?
+                flush(next)
             }
             GdbStubStateMachine::Running(mut inner) => {
                 if let Some((vcpu, message)) = adapter.refused_resume.take() {
@@ -113,7 +113,7 @@ fn run_session<T: DebugTarget + ?Sized>(
                     };
                     inner.report_stop(adapter, stop).map_err(protocol)?
                 } else if let Some(byte) = incoming.pop_front() {
-                    flush(inner.incoming_data(adapter, byte).map_err(protocol)?)?
+                    flush(inner.incoming_data(adapter, byte).map_err(protocol)?)
                 } else {
                     match wait_for_either(connection_fd, event_fd).map_err(StubError::Poll)? {
                         Ready::Target => match adapter.target.take_stop_event() {
@@ -160,7 +160,7 @@ fn run_session<T: DebugTarget + ?Sized>(
                     inner
                         .interrupt_handled(adapter, Some(stop))
                         .map_err(protocol)?,
-                )?
+                )
             }
             GdbStubStateMachine::Disconnected(inner) => {
                 return Ok(match inner.get_reason() {
@@ -177,7 +177,7 @@ fn run_session<T: DebugTarget + ?Sized>(
 /// Sends whatever the last step queued (gdbstub leaves acks of resume packets unflushed until the stop reply).
 fn flush<'a, T: DebugTarget + ?Sized>(
     mut machine: GdbStubStateMachine<'a, Adapter<'a, T>, GdbConnection>,
-) -> Result<GdbStubStateMachine<'a, Adapter<'a, T>, GdbConnection>, StubError> {
+) -> GdbStubStateMachine<'a, Adapter<'a, T>, GdbConnection> {
     let result = match &mut machine {
         GdbStubStateMachine::Idle(inner) => inner.borrow_conn().flush(),
         GdbStubStateMachine::Running(inner) => inner.borrow_conn().flush(),
@@ -186,22 +186,19 @@ fn flush<'a, T: DebugTarget + ?Sized>(
     };
     // A failed send means gdb is gone; the next read reports it as a lost connection.
     let _ = result;
-    Ok(machine)
+    machine
 }
 
 /// The next byte from gdb, blocking while the target is stopped; `None` when the connection is gone.
-fn next_byte(
-    connection: &mut GdbConnection,
-    incoming: &mut VecDeque<u8>,
-) -> Result<Option<u8>, StubError> {
+fn next_byte(connection: &mut GdbConnection, incoming: &mut VecDeque<u8>) -> Option<u8> {
     // Line noise can make a read yield nothing for the stub: read again.
     while incoming.is_empty() {
         match connection.read_into(incoming) {
-            Ok(0) | Err(_) => return Ok(None),
+            Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
     }
-    Ok(incoming.pop_front())
+    incoming.pop_front()
 }
 
 enum Ready {
