@@ -179,7 +179,10 @@ pub trait DebugTarget {
     fn stop_event_fd(&self) -> RawFd;
 
     /// Takes the oldest queued stop event, if any. When the queue becomes empty the target must make the fd
-    /// unreadable again (for an eventfd: read it to reset the counter) before returning.
+    /// unreadable again (for an eventfd: read it to reset the counter) before returning. When a session ends
+    /// (detach, dropped connection) the stub takes and discards whatever is still queued before resuming, so the
+    /// VMM must act on guest exits and crashes itself as well; events queued while no gdb is attached are reported
+    /// to the next session after its first resume. [`crate::StopQueue`] implements this part.
     fn take_stop_event(&mut self) -> Option<StopEvent>;
 
     /// Software breakpoint support, if the target has it.
