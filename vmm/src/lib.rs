@@ -6,6 +6,7 @@ pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
+pub mod exit_stats;
 pub mod kick;
 pub mod paging;
 pub mod probe;

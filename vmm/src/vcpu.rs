@@ -70,6 +70,7 @@ pub struct VcpuHandle {
     pub kicker: Kicker,
     pub state: Arc<AtomicU8>,
     pub sample_request: Arc<SampleRequest>,
+    pub exits: crate::exit_stats::SharedExitTable,
 }
 
 impl VcpuHandle {
@@ -109,6 +110,7 @@ pub struct Vcpu {
     pub sampling: Option<Arc<SampleSink>>,
     pub use_sync_regs: bool,
     pub symbolize: Option<crate::vm::SymbolizeFn>,
+    pub exits: crate::exit_stats::SharedExitTable,
 }
 
 impl Vcpu {
@@ -231,7 +233,10 @@ impl Vcpu {
     }
 
     fn run_once(&mut self) {
-        let end = match self.fd.run() {
+        let result = self.fd.run();
+        let handling_started = std::time::Instant::now();
+        let key = crate::exit_stats::ExitKey::of(&result);
+        let end = match result {
             Ok(VcpuExit::IoOut(port, data)) => match self.devices.write(port, data) {
                 PioOutcome::ExitRequested(status) => Some(VmEnd::GuestExit(status)),
                 PioOutcome::ResetRequested => Some(VmEnd::GuestReset),
@@ -270,6 +275,8 @@ impl Vcpu {
         if self.sample_request.take() {
             self.take_sample();
         }
+        self.exits
+            .record(key, handling_started.elapsed().as_nanos() as u64);
         if let Some(end) = end {
             self.set_state(VcpuState::Exited);
             let _ = self.events.send(VcpuEvent::End(end));

@@ -177,6 +177,22 @@ impl VmControl {
         ))
     }
 
+    /// Exit statistics of every vCPU, in vCPU order.
+    pub fn exit_stats(&self) -> Vec<crate::exit_stats::VcpuExitStats> {
+        self.inner
+            .vcpus
+            .iter()
+            .map(|v| v.exits.snapshot())
+            .collect()
+    }
+
+    /// Zeroes every vCPU's exit statistics.
+    pub fn reset_exit_stats(&self) {
+        for v in &self.inner.vcpus {
+            v.exits.reset();
+        }
+    }
+
     /// Asks the VM to end (as if the guest had powered off): `run_to_end` returns `VmEnd::Stopped`.
     pub fn stop(&self) {
         let _ = self.inner.end_tx.send(VcpuEvent::End(VmEnd::Stopped));
@@ -315,6 +331,7 @@ impl Vm {
             let (tx, rx) = mpsc::channel();
             let state = Arc::new(AtomicU8::new(VcpuState::Running as u8));
             let sample_request = Arc::new(SampleRequest::default());
+            let exits = Arc::new(crate::exit_stats::ExitTable::default());
             let vcpu = Vcpu {
                 id,
                 fd,
@@ -334,6 +351,7 @@ impl Vm {
                 }),
                 use_sync_regs: caps.has_sync_regs(),
                 symbolize: cfg.symbolize.clone(),
+                exits: exits.clone(),
             };
             let (kicker_tx, kicker_rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
@@ -353,6 +371,7 @@ impl Vm {
                 kicker,
                 state,
                 sample_request,
+                exits,
             });
         }
         drop(sample_tx);
