@@ -141,13 +141,14 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         "[ perf-kvm record: Captured and wrote {:.3} MB {} ({samples} samples, {} lost) ]",
         size as f64 / 1e6,
         args.output.display(),
-        loss_total(&loss)
+        loss.lost()
     );
     Ok(0)
 }
 
 fn record_meta(args: &RecordArgs, vm: &StartedVm) -> RecordMeta {
-    let kernel = &vm.run_args.kernel;
+    let kernel =
+        &std::fs::canonicalize(&vm.run_args.kernel).unwrap_or_else(|_| vm.run_args.kernel.clone());
     let (kernel_range, user_maps) = elf_layout(kernel);
     RecordMeta {
         nr_vcpus: vm.control.vcpu_count() as u32,
@@ -196,14 +197,10 @@ fn elf_layout(path: &Path) -> (Option<std::ops::Range<u64>>, Vec<GuestUserMap>) 
     (kernel, user)
 }
 
-fn loss_total(l: &SampleLoss) -> u64 {
-    l.queue_full + l.vcpu_not_running + l.ticks_skipped
-}
-
 fn loss_delta(now: &SampleLoss, before: &SampleLoss) -> SampleLoss {
     SampleLoss {
         queue_full: now.queue_full - before.queue_full,
-        vcpu_not_running: now.vcpu_not_running - before.vcpu_not_running,
+        idle_ticks: now.idle_ticks - before.idle_ticks,
         ticks_skipped: now.ticks_skipped - before.ticks_skipped,
     }
 }
@@ -214,7 +211,7 @@ fn progress(samples: u64, loss: &SampleLoss, elapsed: Duration) {
     let _ = write!(
         err,
         "\r[ perf-kvm record: {samples} samples, {} lost, {rate:.0} samples/s ]",
-        loss_total(loss)
+        loss.lost()
     );
     let _ = err.flush();
 }

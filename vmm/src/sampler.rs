@@ -30,7 +30,7 @@ pub struct SamplerConfig {
 #[derive(Debug, Default)]
 pub struct LossCounters {
     pub queue_full: AtomicU64,
-    pub vcpu_not_running: AtomicU64,
+    pub idle_ticks: AtomicU64,
     pub ticks_skipped: AtomicU64,
 }
 
@@ -38,7 +38,7 @@ impl LossCounters {
     pub fn snapshot(&self) -> SampleLoss {
         SampleLoss {
             queue_full: self.queue_full.load(Ordering::Relaxed),
-            vcpu_not_running: self.vcpu_not_running.load(Ordering::Relaxed),
+            idle_ticks: self.idle_ticks.load(Ordering::Relaxed),
             ticks_skipped: self.ticks_skipped.load(Ordering::Relaxed),
         }
     }
@@ -50,6 +50,8 @@ pub struct SampleSink {
     pub loss: Arc<LossCounters>,
     pub callchains: bool,
     pub epoch: Instant,
+    /// CPU time per sample (1 / frequency).
+    pub period_ns: u64,
 }
 
 impl SampleSink {
@@ -61,6 +63,45 @@ impl SampleSink {
             }
             // The consumer is gone (recording stopped): nothing to count against.
             Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+/// CPU time of the calling thread, in nanoseconds (guest execution inside KVM_RUN counts as the thread's).
+pub fn thread_cpu_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Turns kicks into samples by CPU time: each kick credits the CPU time the vCPU thread used since the previous one,
+/// and a sample is due for every full period of credit. A halted or descheduled vCPU earns nothing, so it is not
+/// sampled, exactly as perf's cpu-clock would not sample it. The credit is capped so a long stall does not turn into
+/// a burst of samples at one RIP.
+#[derive(Debug, Default)]
+pub struct CpuTimeCredit {
+    last_ns: Option<u64>,
+    /// May go negative by up to a period: a sample taken on half a period's credit is paid back by the next kick.
+    credit_ns: i64,
+}
+
+impl CpuTimeCredit {
+    /// Adds the CPU time used up to `now_ns`; returns whether a sample is due (and consumes its period).
+    pub fn due(&mut self, now_ns: u64, period_ns: u64) -> bool {
+        let period = period_ns as i64;
+        let used = self.last_ns.map_or(0, |last| now_ns.saturating_sub(last)) as i64;
+        self.last_ns = Some(now_ns);
+        self.credit_ns = (self.credit_ns + used).min(2 * period);
+        // Round to the nearest period: kicks arrive a little late or early, never exactly on the period.
+        if self.credit_ns >= period / 2 {
+            self.credit_ns -= period;
+            true
+        } else {
+            false
         }
     }
 }
@@ -137,7 +178,7 @@ pub fn run_timer(
             if req.raise() {
                 kicker.kick();
             } else {
-                loss.vcpu_not_running.fetch_add(1, Ordering::Relaxed);
+                loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             }
         }
         next += period;
@@ -183,6 +224,28 @@ mod tests {
         mem.write_obj(0x9000u64, GuestAddress(0x9000)).unwrap();
         mem.write_obj(0x4444u64, GuestAddress(0x9008)).unwrap();
         assert_eq!(walk_frame_pointers(&mem, &ctx, 0x9000, 127), vec![0x4444]);
+    }
+
+    #[test]
+    fn cpu_time_credit_samples_busy_vcpus_only() {
+        let mut c = CpuTimeCredit::default();
+        let p = 1_000_000;
+        assert!(!c.due(0, p), "first kick only starts the clock");
+        assert!(c.due(p, p), "a full period of CPU time owes a sample");
+        assert!(!c.due(p + 10_000, p), "an idle vCPU owes nothing");
+        assert!(!c.due(p + 20_000, p));
+        // Half-busy: one sample every other kick.
+        let mut t = p + 20_000;
+        let mut samples = 0;
+        for _ in 0..100 {
+            t += p / 2;
+            samples += c.due(t, p) as u32;
+        }
+        assert!((49..=51).contains(&samples), "{samples}");
+        // A long stall is capped at two periods of credit.
+        assert!(c.due(t + 50 * p, p));
+        assert!(c.due(t + 50 * p, p));
+        assert!(!c.due(t + 50 * p, p));
     }
 
     #[test]

@@ -15,7 +15,10 @@ use crate::devices::{PioDevices, PioOutcome};
 use crate::exit::{self, InternalErrorAction, VmEnd};
 use crate::kick::{self, Kicker};
 use crate::paging::{read_virt, PagingContext};
-use crate::sampler::{walk_frame_pointers, SampleRequest, SampleSink, MAX_CALLCHAIN};
+use crate::sampler::{
+    thread_cpu_time_ns, walk_frame_pointers, CpuTimeCredit, SampleRequest, SampleSink,
+    MAX_CALLCHAIN,
+};
 use crate::{GuestMode, GuestRegisters, Sample};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,7 @@ pub struct Vcpu {
     pub use_sync_regs: bool,
     pub symbolize: Option<crate::vm::SymbolizeFn>,
     pub exits: crate::exit_stats::SharedExitTable,
+    pub cpu_credit: CpuTimeCredit,
 }
 
 impl Vcpu {
@@ -286,7 +290,7 @@ impl Vcpu {
     fn drop_sample_request(&self) {
         if self.sample_request.take() {
             if let Some(sink) = &self.sampling {
-                sink.loss.vcpu_not_running.fetch_add(1, Ordering::Relaxed);
+                sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -295,6 +299,10 @@ impl Vcpu {
         let Some(sink) = self.sampling.clone() else {
             return;
         };
+        if !self.cpu_credit.due(thread_cpu_time_ns(), sink.period_ns) {
+            sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let (rip, rbp, cs, ctx) = if self.use_sync_regs {
             let run = self.fd.get_kvm_run();
             // SAFETY: kvm_valid_regs asked KVM to fill `s.regs` on every exit; the union is plain data.
@@ -320,7 +328,7 @@ impl Vcpu {
                     },
                 ),
                 _ => {
-                    sink.loss.vcpu_not_running.fetch_add(1, Ordering::Relaxed);
+                    sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }

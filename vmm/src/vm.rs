@@ -347,11 +347,14 @@ impl Vm {
                         loss: loss.clone(),
                         callchains: cfg.sampler.is_some_and(|s| s.callchains),
                         epoch,
+                        period_ns: 1_000_000_000
+                            / cfg.sampler.map_or(1, |s| s.frequency_hz.max(1)) as u64,
                     })
                 }),
                 use_sync_regs: caps.has_sync_regs(),
                 symbolize: cfg.symbolize.clone(),
                 exits: exits.clone(),
+                cpu_credit: Default::default(),
             };
             let (kicker_tx, kicker_rx) = mpsc::channel();
             let thread = std::thread::Builder::new()

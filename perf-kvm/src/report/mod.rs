@@ -118,7 +118,25 @@ pub fn run_report(
     out: &mut dyn Write,
 ) -> Result<ReportSummary, ReportError> {
     let profile = load::load(&options.input)?;
-    let mut resolver = Resolver::new(&options.symbols)?;
+    let mut recorded_image_warning = None;
+    let mut sources = options.symbols.clone();
+    if sources.guest_vmlinux.is_none() && sources.guest_kallsyms.is_none() {
+        // Like perf's build-id cache: the image the recorder named, if it is still the same file.
+        if let Some((path, id)) = &profile.guest_kernel_image {
+            match symbols::build_id(path) {
+                Ok(Some(found)) if found.starts_with(id) || id.starts_with(&found) => {
+                    sources.guest_vmlinux = Some(path.clone())
+                }
+                _ => {
+                    recorded_image_warning = Some(format!(
+                        "the recorded guest kernel {} is missing or changed; give --guest-vmlinux",
+                        path.display()
+                    ))
+                }
+            }
+        }
+    }
+    let mut resolver = Resolver::new(&sources)?;
     let samples = resolve_samples(&profile, &mut resolver, options.vcpu);
     let mut summary = ReportSummary {
         samples: samples.len(),
@@ -126,6 +144,7 @@ pub fn run_report(
         ..ReportSummary::default()
     };
     summary.warnings.extend(profile.unfinished.iter().cloned());
+    summary.warnings.extend(recorded_image_warning);
     if profile.skipped_records > 0 {
         summary.warnings.push(format!(
             "skipped {} corrupt record(s)",
