@@ -184,7 +184,7 @@ fn elf_layout(path: &Path) -> (Option<std::ops::Range<u64>>, Vec<GuestUserMap>) 
             let r = kernel.get_or_insert(start..start + len);
             r.start = r.start.min(start);
             r.end = r.end.max(start + len);
-        } else if start >= 0x1000 && start < 0x0000_8000_0000_0000 {
+        } else if (0x1000..0x0000_8000_0000_0000).contains(&start) {
             let (pgoff, _) = seg.file_range();
             user.push(GuestUserMap {
                 start,

@@ -121,7 +121,7 @@ fn build_symbolizer(args: &SymbolizeArgs) -> anyhow::Result<Symbolizer> {
 }
 
 fn parse_build_id(hex: &str) -> anyhow::Result<Vec<u8>> {
-    if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!("--guest-build-id {hex:?} is not an even number of hex digits");
     }
     (0..hex.len())
