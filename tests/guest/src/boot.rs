@@ -5,6 +5,7 @@
 //! - `boot_pml4[0]`   → identity map of physical 0..4 GiB (2 MiB pages; only boot code and the trampoline use it)
 //! - `boot_pml4[256]` → direct map: `DIRECT_MAP + phys` for physical 0..4 GiB
 //! - `boot_pml4[511]` → kernel map: `KERNEL_VMA + phys` for physical 0..2 GiB
+//!
 //! Each CPU's own address space copies entries 256 and 511 and puts its user mappings in entry 0 and 255.
 
 /// Kernel link address minus load address.
