@@ -267,58 +267,73 @@ fn single_vcpu_and_timer_off() {
     );
 }
 
+/// Boots with `append` and expects guest exit status `status` and every one of `needles` in the output;
+/// returns the output.
+fn expect_exit(append: &str, smp: u32, status: i32, needles: &[&str]) -> String {
+    let r = qemu(append, smp, Duration::from_secs(30));
+    assert_eq!(
+        r.code,
+        Some(status << 1 | 1),
+        "{append}: guest status {status} expected:\n{}",
+        r.out
+    );
+    for n in needles {
+        assert!(
+            r.out.contains(n),
+            "{append}: no '{n}' in the output:\n{}",
+            r.out
+        );
+    }
+    r.out
+}
+
+/// The `guest-exception` line of the BSP.
+fn exception_line(out: &str) -> &str {
+    out.lines()
+        .find(|l| l.starts_with("guest-exception cpu0:"))
+        .expect("no exception line")
+}
+
 #[test]
 fn bad_command_line_exits_2() {
     need_kvm!();
-    let r = qemu("work=nosuch:1", 1, Duration::from_secs(30));
-    assert_eq!(r.code, Some(2 << 1 | 1), "{}", r.out);
-    assert!(
-        r.out.contains("guest: bad work function 'nosuch'"),
-        "{}",
-        r.out
+    expect_exit(
+        "work=nosuch:1",
+        1,
+        2,
+        &["guest: bad work function 'nosuch'"],
     );
 }
 
 #[test]
 fn fault_mmio_reads_back_and_exits_3() {
     need_kvm!();
-    let r = qemu("fault=mmio", 1, Duration::from_secs(30));
-    assert_eq!(r.code, Some(3 << 1 | 1), "{}", r.out);
-    assert!(
-        r.out
-            .contains("guest-fault: mmio addr=0xd0000000 wrote=0xdeadbeef read="),
-        "{}",
-        r.out
+    expect_exit(
+        "fault=mmio",
+        1,
+        3,
+        &["guest-fault: mmio addr=0xd0000000 wrote=0xdeadbeef read="],
     );
 }
 
 #[test]
 fn fault_port_exits_4() {
     need_kvm!();
-    let r = qemu("fault=port", 1, Duration::from_secs(30));
-    assert_eq!(r.code, Some(4 << 1 | 1), "{}", r.out);
-    assert!(
-        r.out
-            .contains("guest-fault: port port=0x5678 wrote=0x5a read="),
-        "{}",
-        r.out
+    expect_exit(
+        "fault=port",
+        1,
+        4,
+        &["guest-fault: port port=0x5678 wrote=0x5a read="],
     );
 }
 
 #[test]
 fn fault_pagefault_in_ring0_reports_cr2() {
     need_kvm!();
-    let r = qemu("fault=pagefault", 2, Duration::from_secs(30));
-    assert_eq!(r.code, Some((32 + 14) << 1 | 1), "{}", r.out);
-    let l = r
-        .out
-        .lines()
-        .find(|l| l.starts_with("guest-exception cpu0:"))
-        .expect("no exception line");
+    let out = expect_exit("fault=pagefault", 2, 32 + 14, &["vector=14 #PF"]);
+    let l = exception_line(&out);
     assert!(
-        l.contains("vector=14 #PF")
-            && l.contains("cr2=0xffffc0000dead000")
-            && l.contains("cs=0x10"),
+        l.contains("cr2=0xffffc0000dead000") && l.contains("cs=0x10"),
         "{l}"
     );
 }
@@ -326,17 +341,9 @@ fn fault_pagefault_in_ring0_reports_cr2() {
 #[test]
 fn fault_pagefault_in_ring3_reports_user_cs() {
     need_kvm!();
-    let r = qemu("fault=user-pagefault", 1, Duration::from_secs(30));
-    assert_eq!(r.code, Some((32 + 14) << 1 | 1), "{}", r.out);
-    let l = r
-        .out
-        .lines()
-        .find(|l| l.starts_with("guest-exception cpu0:"))
-        .expect("no exception line");
-    assert!(
-        l.contains("vector=14 #PF") && l.contains("cr2=0xdead000") && l.contains("cs=0x33"),
-        "{l}"
-    );
+    let out = expect_exit("fault=user-pagefault", 1, 32 + 14, &["vector=14 #PF"]);
+    let l = exception_line(&out);
+    assert!(l.contains("cr2=0xdead000") && l.contains("cs=0x33"), "{l}");
     let rip = l
         .split("rip=0x")
         .nth(1)
@@ -366,9 +373,7 @@ fn fault_int3_in_ring0_reaches_the_bp_handler() {
         eprintln!("skipped: on PVM hosts int3 at CPL0 is a KVM internal error, which stops QEMU");
         return;
     }
-    let r = qemu("fault=int3", 1, Duration::from_secs(30));
-    assert_eq!(r.code, Some((32 + 3) << 1 | 1), "{}", r.out);
-    assert!(r.out.contains("vector=3 #BP"), "{}", r.out);
+    expect_exit("fault=int3", 1, 32 + 3, &["vector=3 #BP"]);
 }
 
 #[test]

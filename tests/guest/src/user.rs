@@ -154,18 +154,16 @@ pub extern "C" fn user_hot_a(ticks: u64) -> u64 {
     acc
 }
 
-/// Hot function that spends its time in its own body.
-#[no_mangle]
-#[inline(never)]
-#[link_section = ".user.text"]
-pub extern "C" fn user_hot_b(ticks: u64) -> u64 {
+/// Rounds of USER_FLAT_ITERS applications of `step`, `user_counter` bumped after each, until `ticks` have passed.
+/// Always inlined, so the time shows up in the calling function's own body.
+#[inline(always)]
+fn flat_rounds(ticks: u64, mut v: u64, step: impl Fn(u64) -> u64) -> u64 {
     let end = urdtsc() + ticks;
-    let mut v = 0x9e37_79b9_7f4a_7c15u64;
     loop {
         let n = black_box(USER_FLAT_ITERS);
         let mut i = 0;
         while i < n {
-            v = xorshift(v);
+            v = step(v);
             i += 1;
         }
         user_counter.fetch_add(1, Ordering::Relaxed);
@@ -176,28 +174,23 @@ pub extern "C" fn user_hot_b(ticks: u64) -> u64 {
     v
 }
 
-/// The cold function: same shape as `user_hot_b`, different arithmetic.
+/// Hot function that spends its time in its own body (xorshift rounds).
+#[no_mangle]
+#[inline(never)]
+#[link_section = ".user.text"]
+pub extern "C" fn user_hot_b(ticks: u64) -> u64 {
+    flat_rounds(ticks, 0x9e37_79b9_7f4a_7c15, xorshift)
+}
+
+/// The cold function: same shape as `user_hot_b`, different arithmetic (LCG rounds).
 #[no_mangle]
 #[inline(never)]
 #[link_section = ".user.text"]
 pub extern "C" fn user_cold(ticks: u64) -> u64 {
-    let end = urdtsc() + ticks;
-    let mut v = 12345u64;
-    loop {
-        let n = black_box(USER_FLAT_ITERS);
-        let mut i = 0;
-        while i < n {
-            v = v
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            i += 1;
-        }
-        user_counter.fetch_add(1, Ordering::Relaxed);
-        if urdtsc() >= end {
-            break;
-        }
-    }
-    v
+    flat_rounds(ticks, 12345, |v| {
+        v.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+    })
 }
 
 /// Runs `kernel_spin` in ring 0 for `ticks` (through SYS_KERNEL_SPIN).
