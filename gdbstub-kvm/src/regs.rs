@@ -6,7 +6,8 @@
 
 /// General-purpose registers in gdb's x86-64 order: rax, rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8..r15.
 pub const GPR_NAMES: [&str; 16] = [
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15",
 ];
 
 /// A segment register: selector plus the hidden part KVM keeps.

@@ -1,8 +1,142 @@
-//! `perf-kvm symbolize`.
+//! `perf-kvm symbolize`: guest addresses to `function at file:line`, in binutils `addr2line -a -f -i -p` format.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use symbols::{format_addr2line, Addr2lineStyle, Symbolizer};
 
 #[derive(clap::Args)]
-pub struct SymbolizeArgs {}
+pub struct SymbolizeArgs {
+    /// The guest kernel's vmlinux (ELF with DWARF), or any guest ELF.
+    #[arg(long, value_name = "PATH")]
+    guest_vmlinux: Option<PathBuf>,
+    /// A copy of the guest's /proc/kallsyms (or its System.map): module symbols and the KASLR offset.
+    #[arg(long, value_name = "PATH")]
+    guest_kallsyms: Option<PathBuf>,
+    /// A copy of the guest's /proc/modules: module load regions.
+    #[arg(long, value_name = "PATH")]
+    guest_modules: Option<PathBuf>,
+    /// KASLR offset added to vmlinux addresses (default: from --guest-kallsyms, else 0).
+    #[arg(long, value_name = "HEX", value_parser = parse_hex)]
+    kaslr_offset: Option<u64>,
+    /// The guest kernel's build-id (hex); a vmlinux with another one is reported loudly.
+    #[arg(long, value_name = "HEX")]
+    guest_build_id: Option<String>,
+    /// A copy of the guest's /sys/kernel/notes, to check the vmlinux build-id against.
+    #[arg(long, value_name = "PATH", conflicts_with = "guest_build_id")]
+    guest_notes: Option<PathBuf>,
+    /// Demangle function names (like addr2line -C).
+    #[arg(short = 'C', long)]
+    demangle: bool,
+    /// Addresses (hex, `0x` optional); read from stdin when none are given.
+    #[arg(value_name = "ADDR")]
+    addresses: Vec<String>,
+}
 
-pub fn run(_args: SymbolizeArgs) -> anyhow::Result<i32> {
-    anyhow::bail!("`symbolize` is not implemented yet")
+fn parse_hex(text: &str) -> Result<u64, String> {
+    let digits = text
+        .strip_prefix("0x")
+        .or_else(|| text.strip_prefix("0X"))
+        .unwrap_or(text);
+    u64::from_str_radix(digits, 16).map_err(|e| format!("{text:?} is not a hex address: {e}"))
+}
+
+pub fn run(args: SymbolizeArgs) -> anyhow::Result<i32> {
+    let symbolizer = build_symbolizer(&args)?;
+    for warning in symbolizer.warnings() {
+        eprintln!("perf-kvm: warning: {warning}");
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if !args.addresses.is_empty() {
+        let addrs = args
+            .addresses
+            .iter()
+            .map(|a| parse_hex(a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+        write_results(&symbolizer, &addrs, &mut out)?;
+    } else {
+        // Line by line, so an interactive caller (or a pipe partner waiting for each answer) gets them promptly.
+        let interactive = std::io::stdin().is_terminal();
+        for line in std::io::stdin().lock().lines() {
+            let line = line.context("reading addresses from stdin")?;
+            let addrs = line
+                .split_whitespace()
+                .map(parse_hex)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            write_results(&symbolizer, &addrs, &mut out)?;
+            if interactive {
+                out.flush()?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+fn build_symbolizer(args: &SymbolizeArgs) -> anyhow::Result<Symbolizer> {
+    if args.guest_vmlinux.is_none() && args.guest_kallsyms.is_none() {
+        bail!("nothing to symbolize with: give --guest-vmlinux and/or --guest-kallsyms");
+    }
+    let mut symbolizer = Symbolizer::new();
+    symbolizer.set_demangle(args.demangle);
+    if let Some(modules) = &args.guest_modules {
+        symbolizer.add_modules(modules)?;
+    }
+    if let Some(vmlinux) = &args.guest_vmlinux {
+        let offset = match (args.kaslr_offset, &args.guest_kallsyms) {
+            (Some(offset), _) => offset,
+            (None, Some(kallsyms)) => symbols::kaslr_offset_from_kallsyms(vmlinux, kallsyms)
+                .with_context(|| format!("KASLR offset from {}", kallsyms.display()))?,
+            (None, None) => 0,
+        };
+        symbolizer.add_elf(vmlinux, offset)?;
+        let guest_build_id = match (&args.guest_build_id, &args.guest_notes) {
+            (Some(hex), _) => Some(parse_build_id(hex)?),
+            (None, Some(notes)) => {
+                let bytes =
+                    std::fs::read(notes).with_context(|| format!("reading {}", notes.display()))?;
+                let id = symbols::build_id_from_notes(&bytes);
+                if id.is_none() {
+                    eprintln!(
+                        "perf-kvm: warning: {} holds no GNU build-id note",
+                        notes.display()
+                    );
+                }
+                id
+            }
+            (None, None) => None,
+        };
+        if let Some(id) = guest_build_id {
+            symbolizer.expect_build_id(&id);
+        }
+    }
+    if let Some(kallsyms) = &args.guest_kallsyms {
+        symbolizer.add_kallsyms(kallsyms)?;
+    }
+    Ok(symbolizer)
+}
+
+fn parse_build_id(hex: &str) -> anyhow::Result<Vec<u8>> {
+    if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--guest-build-id {hex:?} is not an even number of hex digits");
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| Ok(u8::from_str_radix(&hex[i..i + 2], 16)?))
+        .collect()
+}
+
+fn write_results(
+    symbolizer: &Symbolizer,
+    addrs: &[u64],
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    for result in symbolizer.symbolize(addrs) {
+        out.write_all(format_addr2line(&result, Addr2lineStyle::AFIP).as_bytes())?;
+    }
+    Ok(())
 }

@@ -5,11 +5,16 @@ mod cmd_report;
 mod cmd_stat;
 mod cmd_symbolize;
 mod cmd_top;
+mod vm_source;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "perf-kvm", version, about = "Profile and symbolize KVM guests, perf-style")]
+#[command(
+    name = "perf-kvm",
+    version,
+    about = "Profile and symbolize KVM guests, perf-style"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,1 +1,333 @@
 //! Guest symbolization: vmlinux ELF + DWARF, kallsyms, modules, KASLR offset.
+//!
+//! One [`Symbolizer`] per guest address space (the guest kernel, or one guest user binary) answers batches of
+//! addresses from every source it was given: ELF symbol tables and DWARF (line tables, inline frames), kallsyms or
+//! System.map text, and module regions from `/proc/modules`. An address no source covers comes back unknown rather
+//! than as the nearest symbol far away.
+
+mod elf;
+mod format;
+mod kallsyms;
+mod kaslr;
+mod symtab;
+
+use std::path::{Path, PathBuf};
+
+pub use elf::ElfError;
+pub use format::{format_addr2line, Addr2lineStyle};
+pub use kallsyms::{parse_kallsyms, parse_modules, KallsymsEntry, KallsymsError, ModuleRegion};
+pub use kaslr::{build_id_from_notes, kaslr_offset_from_lstar, KaslrError, KASLR_ALIGN};
+
+/// Name perf gives the core kernel when it is known only from kallsyms.
+pub const KERNEL_OBJECT_NAME: &str = "[kernel.kallsyms]";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolsError {
+    #[error("{path}")]
+    Elf {
+        path: PathBuf,
+        #[source]
+        source: ElfError,
+    },
+    #[error("{path}: cannot read")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}")]
+    Kallsyms {
+        path: PathBuf,
+        #[source]
+        source: KallsymsError,
+    },
+    #[error(transparent)]
+    Kaslr(#[from] KaslrError),
+}
+
+/// One symbolized address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbolized {
+    pub addr: u64,
+    /// Innermost (inlined) frame first; the last is the containing real function. Empty = unknown.
+    pub frames: Vec<Frame>,
+    /// The ELF path, `[module]`, or [`KERNEL_OBJECT_NAME`] the address belongs to; `None` if outside all of them.
+    pub object: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Demangled unless [`Symbolizer::set_demangle`] turned it off.
+    pub function: Option<String>,
+    /// Offset from the start of the containing symbol (outermost frame only).
+    pub symbol_offset: Option<u64>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
+    pub inlined: bool,
+}
+
+struct KallsymsSource {
+    path: PathBuf,
+    entries: Vec<KallsymsEntry>,
+    table: symtab::SymbolTable,
+    /// Object names by table object index: 0 = core kernel, then modules.
+    object_names: Vec<String>,
+}
+
+/// Symbolizes addresses of one address space from several sources. Not `Sync`: DWARF is parsed lazily behind `&self`.
+pub struct Symbolizer {
+    elfs: Vec<elf::ElfObject>,
+    kallsyms: Option<KallsymsSource>,
+    modules: Vec<ModuleRegion>,
+    warnings: Vec<String>,
+    demangle: bool,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Symbolizer {
+            elfs: Vec::new(),
+            kallsyms: None,
+            modules: Vec::new(),
+            warnings: Vec::new(),
+            demangle: true,
+        }
+    }
+
+    /// Whether function names are demangled (default: yes).
+    pub fn set_demangle(&mut self, demangle: bool) {
+        self.demangle = demangle;
+    }
+
+    /// An ELF (vmlinux, test guest, user binary). `bias` is added to its addresses (KASLR offset / load bias).
+    /// A relocatable object (`.ko`) contributes only its `.text` symbols, with `.text` placed at `bias`.
+    pub fn add_elf(&mut self, path: &Path, bias: u64) -> Result<(), SymbolsError> {
+        let object = elf::ElfObject::open(path, bias).map_err(|source| SymbolsError::Elf {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.elfs.push(object);
+        self.check_kernel_consistency();
+        Ok(())
+    }
+
+    /// `/proc/kallsyms` or `System.map` text.
+    pub fn add_kallsyms(&mut self, path: &Path) -> Result<(), SymbolsError> {
+        let text = read_text(path)?;
+        let entries = parse_kallsyms(&text).map_err(|source| SymbolsError::Kallsyms {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (table, object_names) = kallsyms::build_table(&entries, &self.modules);
+        self.kallsyms = Some(KallsymsSource {
+            path: path.to_owned(),
+            entries,
+            table,
+            object_names,
+        });
+        self.check_kernel_consistency();
+        Ok(())
+    }
+
+    /// A copy of the guest's `/proc/modules`: module load regions.
+    pub fn add_modules(&mut self, path: &Path) -> Result<(), SymbolsError> {
+        let text = read_text(path)?;
+        let modules = parse_modules(&text).map_err(|source| SymbolsError::Kallsyms {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.modules.extend(modules);
+        self.modules.sort_by_key(|m| m.start);
+        if let Some(k) = &mut self.kallsyms {
+            (k.table, k.object_names) = kallsyms::build_table(&k.entries, &self.modules);
+        }
+        Ok(())
+    }
+
+    /// Warns (see [`Self::warnings`]) when the first ELF's build-id differs from the guest's.
+    pub fn expect_build_id(&mut self, guest_build_id: &[u8]) {
+        let Some(elf) = self.elfs.first() else { return };
+        match elf.build_id() {
+            Some(id) if id == guest_build_id => {}
+            Some(id) => self.warnings.push(format!(
+                "BUILD-ID MISMATCH: {} has build-id {} but the guest kernel's is {}; symbols will be wrong",
+                elf.name,
+                hex(id),
+                hex(guest_build_id)
+            )),
+            None => self.warnings.push(format!(
+                "{} has no build-id; cannot check it against the guest's {}",
+                elf.name,
+                hex(guest_build_id)
+            )),
+        }
+    }
+
+    /// Problems found while loading or checking sources: build-id or kallsyms mismatches, unreadable DWARF.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut all = self.warnings.clone();
+        for elf in &self.elfs {
+            if let Some(e) = elf.dwarf_error() {
+                all.push(format!(
+                    "{}: DWARF unusable, symbol table only: {e}",
+                    elf.name
+                ));
+            }
+        }
+        all
+    }
+
+    /// Batch lookup, results in input order; addresses may be unsorted.
+    pub fn symbolize(&self, addrs: &[u64]) -> Vec<Symbolized> {
+        // Look up in address order (line tables and units are then visited sequentially), once per unique address.
+        let mut order: Vec<usize> = (0..addrs.len()).collect();
+        order.sort_unstable_by_key(|&i| addrs[i]);
+        let mut results: Vec<Option<Symbolized>> = vec![None; addrs.len()];
+        let mut previous: Option<usize> = None;
+        for i in order {
+            let result = match previous {
+                Some(p) if addrs[p] == addrs[i] => {
+                    results[p].clone().expect("earlier result filled")
+                }
+                _ => self.symbolize_one(addrs[i]),
+            };
+            results[i] = Some(result);
+            previous = Some(i);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every index visited"))
+            .collect()
+    }
+
+    fn symbolize_one(&self, addr: u64) -> Symbolized {
+        for elf in &self.elfs {
+            let link_addr = addr.wrapping_sub(elf.bias);
+            if elf.contains(link_addr) {
+                return Symbolized {
+                    addr,
+                    frames: elf.frames(link_addr, self.demangle),
+                    object: Some(elf.name.clone()),
+                };
+            }
+        }
+        if let Some(k) = &self.kallsyms {
+            if let Some(sym) = k.table.lookup(addr) {
+                let object = sym.object.unwrap_or(0) as usize;
+                let name = if object == 0 {
+                    KERNEL_OBJECT_NAME.to_owned()
+                } else {
+                    format!("[{}]", k.object_names[object - 1])
+                };
+                let frame = Frame {
+                    function: Some(elf::display_name(&sym.name, self.demangle)),
+                    symbol_offset: Some(addr - sym.start),
+                    file: None,
+                    line: None,
+                    column: None,
+                    inlined: false,
+                };
+                return Symbolized {
+                    addr,
+                    frames: vec![frame],
+                    object: Some(name),
+                };
+            }
+        }
+        let module = self
+            .modules
+            .iter()
+            .find(|m| addr >= m.start && addr - m.start < m.size);
+        Symbolized {
+            addr,
+            frames: Vec::new(),
+            object: module.map(|m| format!("[{}]", m.name)),
+        }
+    }
+
+    /// With both a kernel ELF and kallsyms: the ELF's bias must equal the kallsyms-derived KASLR offset, and core
+    /// kernel symbols must sit where the ELF says, shifted by it. Otherwise the vmlinux is not the guest's.
+    fn check_kernel_consistency(&mut self) {
+        let (Some(k), Some(elf)) = (&self.kallsyms, self.elfs.first()) else {
+            return;
+        };
+        let offset =
+            match kaslr::offset_from_entries(elf, &k.entries, &k.path.display().to_string()) {
+                Ok(offset) => offset,
+                Err(e) => {
+                    self.warnings.push(format!(
+                        "cannot check {} against {}: {e}",
+                        elf.name,
+                        k.path.display()
+                    ));
+                    return;
+                }
+            };
+        if offset != elf.bias {
+            self.warnings.push(format!(
+                "{} was added with offset {:#x} but kallsyms {} imply KASLR offset {offset:#x}",
+                elf.name,
+                elf.bias,
+                k.path.display()
+            ));
+        }
+        let by_name: std::collections::HashMap<&str, u64> =
+            elf.symbols().map(|s| (s.name.as_str(), s.start)).collect();
+        let (mut compared, mut differing) = (0usize, 0usize);
+        let mut example = None;
+        for entry in k
+            .entries
+            .iter()
+            .filter(|e| e.module.is_none() && matches!(e.kind, 'T' | 't'))
+        {
+            if let Some(&linked) = by_name.get(entry.name.as_str()) {
+                compared += 1;
+                if linked.wrapping_add(offset) != entry.address {
+                    differing += 1;
+                    example.get_or_insert_with(|| (entry.name.clone(), entry.address, linked));
+                }
+            }
+        }
+        // Duplicate local names (static functions in several files) legitimately differ; a real mismatch moves
+        // nearly everything.
+        if compared == 0 || differing * 20 > compared {
+            let detail = example.map_or(String::new(), |(name, guest, linked)| {
+                format!(" (e.g. {name}: guest {guest:#x}, vmlinux {linked:#x} + {offset:#x})")
+            });
+            self.warnings.push(format!(
+                "{} does not match the guest's kallsyms {}: {differing} of {compared} text symbols disagree{detail}",
+                elf.name,
+                k.path.display()
+            ));
+        }
+    }
+}
+
+/// KASLR offset = guest kallsyms `_text`/`_stext` − vmlinux `_text`/`_stext`.
+pub fn kaslr_offset_from_kallsyms(vmlinux: &Path, kallsyms: &Path) -> Result<u64, SymbolsError> {
+    Ok(kaslr::kaslr_offset_from_kallsyms(vmlinux, kallsyms)?)
+}
+
+/// The GNU build-id of an ELF file, if it has one.
+pub fn build_id(elf: &Path) -> Result<Option<Vec<u8>>, SymbolsError> {
+    Ok(kaslr::build_id(elf)?)
+}
+
+fn read_text(path: &Path) -> Result<String, SymbolsError> {
+    let bytes = std::fs::read(path).map_err(|source| SymbolsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

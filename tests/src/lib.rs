@@ -34,3 +34,4 @@ pub fn guest_elf() -> PathBuf {
     })
     .clone()
 }
+pub mod bins;

@@ -1,0 +1,5 @@
+//! Library side of `perf-kvm`: the perf.data writer and the report engine, shared by the binary and the
+//! integration tests.
+
+pub mod perf_data;
+pub mod report;

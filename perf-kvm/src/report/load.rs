@@ -1,0 +1,358 @@
+//! Loading a perf.data file (ours or real perf's) into plain profile data, through `linux-perf-data`.
+//! An unfinished file (recorder killed) is detected by its empty feature bitmap and read up to its last
+//! complete record.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use linux_perf_data::linux_perf_event_reader::{CpuMode, EventRecord, RecordType};
+use linux_perf_data::{PerfFileReader, PerfFileRecord};
+
+use crate::perf_data::PERF_CONTEXT_MAX;
+
+const FILE_HEADER_SIZE: usize = 104;
+const DATA_OFFSET_AT: usize = 40;
+const DATA_SIZE_AT: usize = 48;
+const FEATURES_AT: usize = 72;
+const RECORD_HEADER_SIZE: usize = 8;
+const PERF_CONTEXT_HV: u64 = -32i64 as u64;
+const PERF_CONTEXT_KERNEL: u64 = -128i64 as u64;
+const PERF_CONTEXT_USER: u64 = -512i64 as u64;
+const PERF_CONTEXT_GUEST_KERNEL: u64 = -2176i64 as u64;
+const PERF_CONTEXT_GUEST_USER: u64 = -2560i64 as u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a perf.data file (no PERFILE2 header)", path.display())]
+    NotPerfData { path: PathBuf },
+    #[error("{} is a corrupt perf.data file: {reason}", path.display())]
+    BadLayout { path: PathBuf, reason: String },
+    #[error("{} is a corrupt perf.data file", path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: linux_perf_data::Error,
+    },
+}
+
+/// Which side of the hypervisor, and which ring, a sample or frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    GuestKernel,
+    GuestUser,
+    HostKernel,
+    HostUser,
+    Unknown,
+}
+
+impl Mode {
+    fn from_cpu_mode(mode: CpuMode) -> Self {
+        match mode {
+            CpuMode::GuestKernel => Mode::GuestKernel,
+            CpuMode::GuestUser => Mode::GuestUser,
+            CpuMode::Kernel => Mode::HostKernel,
+            CpuMode::User => Mode::HostUser,
+            _ => Mode::Unknown,
+        }
+    }
+
+    /// perf's level mark: `[g]` guest kernel, `[u]` guest user, `[k]` kernel, `[.]` user, `[H]` hypervisor.
+    pub fn mark(self) -> &'static str {
+        match self {
+            Mode::GuestKernel => "[g]",
+            Mode::GuestUser => "[u]",
+            Mode::HostKernel => "[k]",
+            Mode::HostUser => "[.]",
+            Mode::Unknown => "[H]",
+        }
+    }
+
+    pub fn is_kernel(self) -> bool {
+        matches!(self, Mode::GuestKernel | Mode::HostKernel)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub addr: u64,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProfileSample {
+    pub pid: i32,
+    pub cpu: u32,
+    pub period: u64,
+    /// The sampled ip first, then its callers; context markers resolved into each frame's mode.
+    pub frames: Vec<Frame>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub start: u64,
+    pub len: u64,
+    pub pgoff: u64,
+    pub path: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Profile {
+    pub samples: Vec<ProfileSample>,
+    pub comms: HashMap<i32, String>,
+    /// User-space mappings per pid (guest user maps from MMAP records with a guest cpumode included).
+    pub mappings: HashMap<i32, Vec<Mapping>>,
+    pub lost: u64,
+    pub event_name: String,
+    pub has_callchains: bool,
+    /// Set when the recorder never finished the file; says how much was readable.
+    pub unfinished: Option<String>,
+    /// Records the parser could not read (corruption); the report covers the rest.
+    pub skipped_records: u64,
+}
+
+pub fn load(path: &Path) -> Result<Profile, LoadError> {
+    let mut bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if bytes.len() < FILE_HEADER_SIZE || &bytes[..8] != b"PERFILE2" {
+        return Err(LoadError::NotPerfData {
+            path: path.to_owned(),
+        });
+    }
+    let unfinished = repair_unfinished(&mut bytes);
+    check_layout(&bytes).map_err(|reason| LoadError::BadLayout {
+        path: path.to_owned(),
+        reason,
+    })?;
+    let corrupt = |source| LoadError::Corrupt {
+        path: path.to_owned(),
+        source,
+    };
+    let parsed = std::panic::catch_unwind(|| PerfFileReader::parse_file(Cursor::new(&bytes[..])))
+        .map_err(|_| LoadError::BadLayout {
+        path: path.to_owned(),
+        reason: "the parser gave up on it".into(),
+    })?;
+    let PerfFileReader {
+        mut perf_file,
+        mut record_iter,
+    } = parsed.map_err(corrupt)?;
+    let mut profile = Profile {
+        unfinished,
+        ..Profile::default()
+    };
+    if let Some(attr) = perf_file.event_attributes().first() {
+        profile.event_name = attr.name().unwrap_or("cpu-clock").to_owned();
+    }
+    // The parser can panic (arithmetic overflow, slicing) on corrupt lengths: what was read before stays.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_records(&mut perf_file, &mut record_iter, &mut profile)
+    }));
+    match read {
+        Ok(result) => result.map_err(corrupt)?,
+        Err(_) => profile.skipped_records += 1,
+    }
+    Ok(profile)
+}
+
+fn read_records(
+    perf_file: &mut linux_perf_data::PerfFile,
+    record_iter: &mut linux_perf_data::PerfRecordIter<Cursor<&[u8]>>,
+    profile: &mut Profile,
+) -> Result<(), linux_perf_data::Error> {
+    while let Some(record) = record_iter.next_record(perf_file)? {
+        let PerfFileRecord::EventRecord { record, .. } = record else {
+            continue;
+        };
+        if record.record_type == RecordType::LOST_SAMPLES {
+            let data = record.data.as_slice();
+            if let Some(lost) = data.get(..8) {
+                profile.lost += u64::from_le_bytes(lost.try_into().expect("8 bytes"));
+            }
+            continue;
+        }
+        // A record the parser rejects is skipped, not fatal: the rest of the profile is still worth showing.
+        let Ok(parsed) = record.parse() else {
+            profile.skipped_records += 1;
+            continue;
+        };
+        match parsed {
+            EventRecord::Sample(sample) => {
+                let mode = Mode::from_cpu_mode(sample.cpu_mode);
+                let ip = sample.ip.unwrap_or(0);
+                let frames = match &sample.callchain {
+                    Some(chain) => {
+                        profile.has_callchains = true;
+                        frames_from_callchain(
+                            (0..chain.len()).filter_map(|i| chain.get(i)),
+                            ip,
+                            mode,
+                        )
+                    }
+                    None => vec![Frame { addr: ip, mode }],
+                };
+                profile.samples.push(ProfileSample {
+                    pid: sample.pid.unwrap_or(-1),
+                    cpu: sample.cpu.unwrap_or(0),
+                    period: sample.period.unwrap_or(1).max(1),
+                    frames,
+                });
+            }
+            EventRecord::Comm(comm) => {
+                profile.comms.insert(
+                    comm.pid,
+                    String::from_utf8_lossy(&comm.name.as_slice()).into_owned(),
+                );
+            }
+            EventRecord::Mmap(mmap) => {
+                let mapping = Mapping {
+                    start: mmap.address,
+                    len: mmap.length,
+                    pgoff: mmap.page_offset,
+                    path: String::from_utf8_lossy(&mmap.path.as_slice()).into_owned(),
+                };
+                profile.mappings.entry(mmap.pid).or_default().push(mapping);
+            }
+            EventRecord::Mmap2(mmap) => {
+                let mapping = Mapping {
+                    start: mmap.address,
+                    len: mmap.length,
+                    pgoff: mmap.page_offset,
+                    path: String::from_utf8_lossy(&mmap.path.as_slice()).into_owned(),
+                };
+                profile.mappings.entry(mmap.pid).or_default().push(mapping);
+            }
+            EventRecord::Lost(lost) => profile.lost += lost.count,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// perf callchains include the sampled ip right after the first context marker; markers switch the mode of
+/// the frames that follow.
+fn frames_from_callchain(
+    entries: impl Iterator<Item = u64>,
+    ip: u64,
+    sample_mode: Mode,
+) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut mode = sample_mode;
+    for entry in entries {
+        if entry >= PERF_CONTEXT_MAX {
+            mode = match entry {
+                PERF_CONTEXT_KERNEL
+                    if sample_mode == Mode::GuestKernel || sample_mode == Mode::GuestUser =>
+                {
+                    Mode::GuestKernel
+                }
+                PERF_CONTEXT_USER
+                    if sample_mode == Mode::GuestKernel || sample_mode == Mode::GuestUser =>
+                {
+                    Mode::GuestUser
+                }
+                PERF_CONTEXT_KERNEL => Mode::HostKernel,
+                PERF_CONTEXT_USER => Mode::HostUser,
+                PERF_CONTEXT_GUEST_KERNEL => Mode::GuestKernel,
+                PERF_CONTEXT_GUEST_USER => Mode::GuestUser,
+                PERF_CONTEXT_HV => Mode::Unknown,
+                _ => mode,
+            };
+            continue;
+        }
+        frames.push(Frame { addr: entry, mode });
+    }
+    if frames.first().map(|f| f.addr) != Some(ip) {
+        frames.insert(
+            0,
+            Frame {
+                addr: ip,
+                mode: sample_mode,
+            },
+        );
+    }
+    frames
+}
+
+/// The parser trusts the header's sections (it overflows or allocates whatever they say), so they are checked
+/// against the file first.
+fn check_layout(bytes: &[u8]) -> Result<(), String> {
+    let len = bytes.len() as u64;
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let header_size = u64_at(8);
+    if header_size != FILE_HEADER_SIZE as u64 {
+        return Err(format!("header size {header_size}, expected {FILE_HEADER_SIZE} (pipe-mode files are not supported)"));
+    }
+    let attr_size = u64_at(16);
+    let section = |name: &str, at: usize| -> Result<(u64, u64), String> {
+        let (offset, size) = (u64_at(at), u64_at(at + 8));
+        match offset.checked_add(size) {
+            Some(end) if end <= len => Ok((offset, size)),
+            _ => Err(format!(
+                "{name} section {offset:#x}+{size:#x} lies outside the {len}-byte file"
+            )),
+        }
+    };
+    let (_, attrs_size) = section("attribute", 24)?;
+    let (data_offset, data_size) = section("data", 40)?;
+    section("event type", 56)?;
+    if attr_size < 16 + 8 || attrs_size % attr_size != 0 || attrs_size == 0 {
+        return Err(format!(
+            "attribute section of {attrs_size} bytes does not hold {attr_size}-byte attributes"
+        ));
+    }
+    let features: u32 = bytes[FEATURES_AT..FILE_HEADER_SIZE]
+        .iter()
+        .map(|b| b.count_ones())
+        .sum();
+    let table = data_offset + data_size;
+    for i in 0..u64::from(features) {
+        let at = table + 16 * i;
+        if at + 16 > len {
+            return Err(format!(
+                "feature section table ends past the {len}-byte file"
+            ));
+        }
+        section("feature", at as usize)?;
+    }
+    Ok(())
+}
+
+/// For a file whose feature bitmap is empty (the writer never finished): cut the data section at the last
+/// complete record so the parser accepts it, and say so.
+fn repair_unfinished(bytes: &mut [u8]) -> Option<String> {
+    let features_empty = bytes[FEATURES_AT..FILE_HEADER_SIZE].iter().all(|&b| b == 0);
+    if !features_empty {
+        return None;
+    }
+    let u64_at =
+        |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let data_offset = usize::try_from(u64_at(bytes, DATA_OFFSET_AT))
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let header_size = u64_at(bytes, DATA_SIZE_AT);
+    let mut end = data_offset;
+    while end + RECORD_HEADER_SIZE <= bytes.len() {
+        let size = usize::from(u16::from_le_bytes([bytes[end + 6], bytes[end + 7]]));
+        if size < RECORD_HEADER_SIZE || end + size > bytes.len() {
+            break;
+        }
+        end += size;
+    }
+    let readable = (end - data_offset) as u64;
+    bytes[DATA_SIZE_AT..DATA_SIZE_AT + 8].copy_from_slice(&readable.to_le_bytes());
+    let torn = bytes.len() - end;
+    Some(format!(
+        "the file was not finished (recorder killed?): header data size {header_size}, read {readable} bytes of \
+         records{}",
+        if torn > 0 { format!(", ignored {torn} trailing bytes of a torn record") } else { String::new() }
+    ))
+}

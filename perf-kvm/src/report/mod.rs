@@ -1,0 +1,212 @@
+//! `perf-kvm report`: reads perf.data (ours or real perf's) and prints perf's overhead table, call graphs,
+//! folded stacks or a flame graph.
+
+mod load;
+mod output;
+mod resolve;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+pub use load::{LoadError, Mode};
+pub use resolve::SymbolSources;
+
+use load::Profile;
+use resolve::{Location, Resolver};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("cannot load symbols from {}", path.display())]
+    Symbols {
+        path: PathBuf,
+        #[source]
+        source: symbols::SymbolsError,
+    },
+    #[error("unknown sort key `{0}` (known: comm, pid, dso, sym, cpu)")]
+    UnknownSortKey(String),
+    #[error("writing the report failed")]
+    Output(#[source] std::io::Error),
+    #[error("writing the flame graph {} failed", path.display())]
+    FlameGraph {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SortKey {
+    Comm,
+    Pid,
+    Dso,
+    Sym,
+    Cpu,
+}
+
+impl SortKey {
+    pub fn parse_list(keys: &str) -> Result<Vec<SortKey>, ReportError> {
+        keys.split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| match k {
+                "comm" => Ok(SortKey::Comm),
+                "pid" => Ok(SortKey::Pid),
+                "dso" => Ok(SortKey::Dso),
+                "sym" | "symbol" => Ok(SortKey::Sym),
+                "cpu" | "vcpu" => Ok(SortKey::Cpu),
+                other => Err(ReportError::UnknownSortKey(other.to_owned())),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    pub input: PathBuf,
+    pub symbols: SymbolSources,
+    pub sort: Vec<SortKey>,
+    /// Show callers under each row.
+    pub call_graph: bool,
+    /// perf's Children column (inclusive time); only meaningful when the file has callchains.
+    pub children: bool,
+    pub vcpu: Option<u32>,
+    /// Print folded stacks (flamegraph.pl input) instead of the table.
+    pub folded: bool,
+    pub flamegraph: Option<PathBuf>,
+}
+
+impl ReportOptions {
+    pub fn new(input: PathBuf) -> Self {
+        Self {
+            input,
+            symbols: SymbolSources::default(),
+            sort: vec![SortKey::Comm, SortKey::Dso, SortKey::Sym],
+            call_graph: false,
+            children: true,
+            vcpu: None,
+            folded: false,
+            flamegraph: None,
+        }
+    }
+}
+
+/// What the caller may want to tell the user besides the report itself.
+#[derive(Debug, Default)]
+pub struct ReportSummary {
+    pub samples: usize,
+    pub lost: u64,
+    pub warnings: Vec<String>,
+}
+
+/// One sample after symbolization: its frames, leaf first, and the row key of each.
+struct ResolvedSample {
+    period: u64,
+    comm: String,
+    pid: i32,
+    cpu: u32,
+    locations: Vec<Location>,
+}
+
+/// A row key: the values of the sort keys, in order.
+pub type RowKey = Vec<String>;
+
+pub fn run_report(
+    options: &ReportOptions,
+    out: &mut dyn Write,
+) -> Result<ReportSummary, ReportError> {
+    let profile = load::load(&options.input)?;
+    let mut resolver = Resolver::new(&options.symbols)?;
+    let samples = resolve_samples(&profile, &mut resolver, options.vcpu);
+    let mut summary = ReportSummary {
+        samples: samples.len(),
+        lost: profile.lost,
+        ..ReportSummary::default()
+    };
+    summary.warnings.extend(profile.unfinished.iter().cloned());
+    if profile.skipped_records > 0 {
+        summary.warnings.push(format!(
+            "skipped {} corrupt record(s)",
+            profile.skipped_records
+        ));
+    }
+    summary.warnings.append(&mut resolver.warnings);
+    let io = ReportError::Output;
+    for warning in &summary.warnings {
+        writeln!(out, "# WARNING: {warning}").map_err(io)?;
+    }
+    if let Some(path) = &options.flamegraph {
+        output::write_flamegraph(path, &output::folded_stacks(&samples))?;
+    }
+    if options.folded {
+        for line in output::folded_stacks(&samples) {
+            writeln!(out, "{line}").map_err(io)?;
+        }
+    } else if options.flamegraph.is_none() {
+        let children = options.children && profile.has_callchains;
+        output::write_table(out, &profile, &samples, options, children).map_err(io)?;
+    }
+    Ok(summary)
+}
+
+fn resolve_samples(
+    profile: &Profile,
+    resolver: &mut Resolver,
+    vcpu: Option<u32>,
+) -> Vec<ResolvedSample> {
+    profile
+        .samples
+        .iter()
+        .filter(|s| vcpu.is_none_or(|v| s.cpu == v))
+        .map(|sample| ResolvedSample {
+            period: sample.period,
+            comm: profile
+                .comms
+                .get(&sample.pid)
+                .cloned()
+                .unwrap_or_else(|| format!(":{}", sample.pid)),
+            pid: sample.pid,
+            cpu: sample.cpu,
+            locations: sample
+                .frames
+                .iter()
+                .map(|&f| resolver.resolve(profile, sample.pid, f))
+                .collect(),
+        })
+        .collect()
+}
+
+fn row_key(sample: &ResolvedSample, location: &Location, keys: &[SortKey]) -> RowKey {
+    keys.iter()
+        .map(|key| match key {
+            SortKey::Comm => sample.comm.clone(),
+            SortKey::Pid => sample.pid.to_string(),
+            SortKey::Dso => location.dso.clone(),
+            SortKey::Sym => format!("{} {}", location.mode.mark(), location.symbol),
+            SortKey::Cpu => format!("{:03}", sample.cpu),
+        })
+        .collect()
+}
+
+/// Self and children periods per row key.
+fn aggregate(samples: &[ResolvedSample], keys: &[SortKey]) -> HashMap<RowKey, (u64, u64)> {
+    let mut rows: HashMap<RowKey, (u64, u64)> = HashMap::new();
+    for sample in samples {
+        let Some(leaf) = sample.locations.first() else {
+            continue;
+        };
+        rows.entry(row_key(sample, leaf, keys)).or_default().0 += sample.period;
+        // Children: every distinct key on the stack counts once, however often recursion repeats it.
+        let mut seen: Vec<RowKey> = Vec::new();
+        for location in &sample.locations {
+            let key = row_key(sample, location, keys);
+            if !seen.contains(&key) {
+                rows.entry(key.clone()).or_default().1 += sample.period;
+                seen.push(key);
+            }
+        }
+    }
+    rows
+}

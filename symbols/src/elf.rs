@@ -1,0 +1,330 @@
+//! One ELF file: its symbol table, its address ranges, and (lazily) its DWARF.
+//!
+//! The file is memory-mapped and never copied: only the pages a lookup touches are read. DWARF is parsed on the first
+//! lookup that needs it, and addr2line's context caches parsed units and line tables across lookups. Relocations are
+//! never applied to DWARF: an executable's (ET_EXEC/ET_DYN) DWARF is already final, so the ~285 MB of
+//! `.rela.debug_*` in a distribution vmlinux are never read.
+
+use std::borrow::Cow;
+use std::cell::OnceCell;
+use std::fs::File;
+use std::path::Path;
+
+use addr2line::LookupResult;
+use object::{
+    Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind,
+};
+
+use crate::symtab::{RawSymbol, SymbolTable, TableSymbol};
+use crate::Frame;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("cannot open")]
+    Open(#[source] std::io::Error),
+    #[error("cannot map into memory")]
+    Map(#[source] std::io::Error),
+    #[error("not a valid ELF file")]
+    Parse(#[source] object::Error),
+    #[error("unsupported object kind {0:?} (want an executable, shared object, relocatable or core-less ELF)")]
+    UnsupportedKind(ObjectKind),
+    #[error("has neither sections nor loadable segments: nothing to symbolize")]
+    NoAddressRanges,
+}
+
+type Slice = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
+
+struct DwarfContext {
+    // Declared before `_decompressed` so it is dropped first: it may borrow from those buffers.
+    context: addr2line::Context<Slice>,
+    _decompressed: Vec<Box<[u8]>>,
+}
+
+pub(crate) struct ElfObject {
+    // Field order is drop order: `dwarf` and `symtab` hold data borrowed from `map`, which must outlive them.
+    dwarf: OnceCell<Result<DwarfContext, String>>,
+    symtab: SymbolTable,
+    /// Sorted, non-overlapping link-time `[start, end)` ranges of allocated sections.
+    ranges: Vec<(u64, u64)>,
+    build_id: Option<Vec<u8>>,
+    relocatable: bool,
+    pub name: String,
+    pub bias: u64,
+    /// `'static` is a lie confined to this module: the slice lives exactly as long as `map`.
+    data: &'static [u8],
+    _map: memmap2::Mmap,
+}
+
+impl ElfObject {
+    pub fn open(path: &Path, bias: u64) -> Result<Self, ElfError> {
+        let file = File::open(path).map_err(ElfError::Open)?;
+        // SAFETY: the mapping is read-only and private to this object. If another process truncates or rewrites the
+        // file while it is mapped, reads may fault or return new bytes; that is the accepted contract of every
+        // mmap-based symbolizer (addr2line, perf), and symbol files are not rewritten in place in practice.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(ElfError::Map)?;
+        // SAFETY: the mapping's address is fixed for its lifetime and does not move when `ElfObject` moves. The
+        // slice is stored next to `map`, only handed out with lifetimes bounded by `&self`, and every structure
+        // borrowing it (`dwarf`, `symtab` strings are owned) is declared before `map` and so dropped before it.
+        let data: &'static [u8] = unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) };
+        let obj = object::File::parse(data).map_err(ElfError::Parse)?;
+        let relocatable = match obj.kind() {
+            ObjectKind::Executable | ObjectKind::Dynamic => false,
+            ObjectKind::Relocatable => true,
+            other => return Err(ElfError::UnsupportedKind(other)),
+        };
+        let ranges = address_ranges(&obj, relocatable);
+        if ranges.is_empty() {
+            return Err(ElfError::NoAddressRanges);
+        }
+        let symtab = read_symbols(&obj, relocatable);
+        let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
+        Ok(ElfObject {
+            dwarf: OnceCell::new(),
+            symtab,
+            ranges,
+            build_id,
+            relocatable,
+            name: path.display().to_string(),
+            bias,
+            data,
+            _map: map,
+        })
+    }
+
+    pub fn build_id(&self) -> Option<&[u8]> {
+        self.build_id.as_deref()
+    }
+
+    /// Whether the (already unbiased) link-time address lies inside one of this file's allocated sections.
+    pub fn contains(&self, link_addr: u64) -> bool {
+        let after = self
+            .ranges
+            .partition_point(|&(start, _)| start <= link_addr);
+        after > 0 && link_addr < self.ranges[after - 1].1
+    }
+
+    pub fn symbols(&self) -> impl Iterator<Item = &TableSymbol> {
+        self.symtab.iter()
+    }
+
+    /// Frames for a link-time address, innermost first. Empty when neither DWARF nor the symbol table knows it.
+    pub fn frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
+        let mut frames = self.dwarf_frames(link_addr, demangle);
+        let symbol = self.symtab.lookup(link_addr);
+        match frames.last_mut() {
+            Some(outer) => {
+                // Asm code has line rows but no subprogram DIE; binutils and llvm-symbolizer name it from the
+                // symbol table, and so do we.
+                if outer.function.is_none() {
+                    outer.function = symbol.map(|s| display_name(&s.name, demangle));
+                }
+                if let Some(s) = symbol {
+                    outer.symbol_offset = Some(link_addr - s.start);
+                }
+            }
+            None => {
+                if let Some(s) = symbol {
+                    frames.push(Frame {
+                        function: Some(display_name(&s.name, demangle)),
+                        symbol_offset: Some(link_addr - s.start),
+                        file: None,
+                        line: None,
+                        column: None,
+                        inlined: false,
+                    });
+                }
+            }
+        }
+        frames
+    }
+
+    /// The DWARF parse error, if parsing was attempted and failed.
+    pub fn dwarf_error(&self) -> Option<&str> {
+        self.dwarf
+            .get()
+            .and_then(|r| r.as_ref().err())
+            .map(String::as_str)
+    }
+
+    fn dwarf_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
+        if self.relocatable {
+            // Relocatable DWARF (a `.ko`) is meaningless without applying relocations; symbols only.
+            return Vec::new();
+        }
+        let Ok(dwarf) = self.dwarf.get_or_init(|| load_dwarf(self.data)) else {
+            return Vec::new();
+        };
+        let mut iter = match dwarf.context.find_frames(link_addr) {
+            LookupResult::Output(Ok(iter)) => iter,
+            // Corrupt DWARF for this address: fall back to the symbol table rather than failing the batch.
+            LookupResult::Output(Err(_)) => return Vec::new(),
+            load @ LookupResult::Load { .. } => match load.skip_all_loads() {
+                Ok(iter) => iter,
+                Err(_) => return Vec::new(),
+            },
+        };
+        let mut frames = Vec::new();
+        // A corrupt DIE mid-chain ends the chain; the frames found so far are still right.
+        while let Ok(Some(frame)) = iter.next() {
+            let function = frame.function.as_ref().and_then(|name| {
+                let name = if demangle {
+                    name.demangle()
+                } else {
+                    name.raw_name()
+                };
+                name.ok().map(Cow::into_owned)
+            });
+            let (file, line, column) = match frame.location {
+                Some(loc) => (loc.file.map(str::to_owned), loc.line, loc.column),
+                None => (None, None, None),
+            };
+            frames.push(Frame {
+                function,
+                symbol_offset: None,
+                file,
+                line,
+                column,
+                inlined: true,
+            });
+        }
+        if let Some(outer) = frames.last_mut() {
+            outer.inlined = false;
+        }
+        frames
+    }
+}
+
+pub(crate) fn display_name(name: &str, demangle: bool) -> String {
+    if demangle {
+        addr2line::demangle_auto(Cow::Borrowed(name), None).into_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+fn load_dwarf(data: &'static [u8]) -> Result<DwarfContext, String> {
+    let obj = object::File::parse(data).map_err(|e| e.to_string())?;
+    let endian = if obj.is_little_endian() {
+        gimli::RunTimeEndian::Little
+    } else {
+        gimli::RunTimeEndian::Big
+    };
+    let mut decompressed: Vec<Box<[u8]>> = Vec::new();
+    let mut load_section = |id: gimli::SectionId| -> Result<Slice, String> {
+        let Some(section) = obj.section_by_name(id.name()) else {
+            return Ok(gimli::EndianSlice::new(&[], endian));
+        };
+        let bytes: &'static [u8] = match section.uncompressed_data() {
+            Ok(Cow::Borrowed(bytes)) => bytes,
+            Ok(Cow::Owned(bytes)) => {
+                let boxed = bytes.into_boxed_slice();
+                // SAFETY: the boxed buffer's heap allocation never moves or shrinks; it is kept in `_decompressed`
+                // of the same `DwarfContext`, which drops it only after `context` (declared first).
+                let stable: &'static [u8] =
+                    unsafe { std::slice::from_raw_parts(boxed.as_ptr(), boxed.len()) };
+                decompressed.push(boxed);
+                stable
+            }
+            Err(e) => return Err(format!("section {}: {e}", id.name())),
+        };
+        Ok(gimli::EndianSlice::new(bytes, endian))
+    };
+    let dwarf = gimli::Dwarf::load(&mut load_section)?;
+    let context = addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"))?;
+    Ok(DwarfContext {
+        context,
+        _decompressed: decompressed,
+    })
+}
+
+fn address_ranges(obj: &object::File<'_>, relocatable: bool) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = if relocatable {
+        // A module's `.text` is placed at the bias; its other sections are laid out by the guest's module loader,
+        // which only `/sys/module/*/sections` would tell us.
+        obj.section_by_name(".text")
+            .map(|s| (0, s.size()))
+            .into_iter()
+            .collect()
+    } else {
+        obj.sections()
+            .filter(|s| is_allocated(s) && s.size() > 0)
+            .map(|s| (s.address(), s.address().saturating_add(s.size())))
+            .collect()
+    };
+    if ranges.is_empty() && !relocatable {
+        ranges = obj
+            .segments()
+            .filter(|s| s.size() > 0)
+            .map(|s| (s.address(), s.address().saturating_add(s.size())))
+            .collect();
+    }
+    ranges.sort_unstable();
+    // Merge overlaps (e.g. TLS sections sharing addresses) so binary search stays valid.
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+fn is_allocated(section: &object::Section<'_, '_>) -> bool {
+    match section.flags() {
+        object::SectionFlags::Elf { sh_flags, .. } => sh_flags.contains(object::elf::SHF_ALLOC),
+        _ => !matches!(
+            section.kind(),
+            SectionKind::Debug | SectionKind::Metadata | SectionKind::Other
+        ),
+    }
+}
+
+fn read_symbols(obj: &object::File<'_>, relocatable: bool) -> SymbolTable {
+    let text_index = obj.section_by_name(".text").map(|s| s.index());
+    let mut section_ends = Vec::new();
+    for s in obj.sections() {
+        let end = if relocatable {
+            s.size()
+        } else {
+            s.address().saturating_add(s.size())
+        };
+        if section_ends.len() <= s.index().0 {
+            section_ends.resize(s.index().0 + 1, u64::MAX);
+        }
+        section_ends[s.index().0] = end;
+    }
+    let mut symbols: Vec<_> = obj.symbols().collect();
+    if symbols.is_empty() {
+        symbols = obj.dynamic_symbols().collect();
+    }
+    let mut raw = Vec::with_capacity(symbols.len());
+    for sym in symbols {
+        let rank = match sym.kind() {
+            SymbolKind::Text if sym.size() > 0 => 8,
+            SymbolKind::Text => 6,
+            SymbolKind::Data | SymbolKind::Tls => 4,
+            SymbolKind::Unknown => 2,
+            _ => continue,
+        };
+        let (Some(index), Ok(name)) = (sym.section_index(), sym.name()) else {
+            continue;
+        };
+        if name.is_empty() || name.starts_with(".L") {
+            continue;
+        }
+        if relocatable && Some(index) != text_index {
+            continue;
+        }
+        let limit = section_ends.get(index.0).copied().unwrap_or(u64::MAX);
+        raw.push(RawSymbol {
+            start: sym.address(),
+            size: sym.size(),
+            limit,
+            name: name.to_owned(),
+            rank: rank + u8::from(sym.is_global()),
+            object: None,
+        });
+    }
+    SymbolTable::from_raw(raw)
+}

@@ -1,0 +1,133 @@
+//! Address-sorted symbol tables with extents, shared by ELF symbol tables and kallsyms.
+
+/// How far back from the nearest preceding symbol a lookup searches for an enclosing sized symbol.
+/// Sized symbols can nest (a local label inside a function); a short backward scan finds the outer one
+/// without an interval tree.
+const ENCLOSING_SCAN: usize = 16;
+
+#[derive(Debug, Clone)]
+pub(crate) struct TableSymbol {
+    pub start: u64,
+    /// Exclusive end. Always > `start` once the table is finished.
+    pub end: u64,
+    pub name: String,
+    /// Index into the owning table's object names (for kallsyms: the module), if any.
+    pub object: Option<u32>,
+}
+
+/// Symbols as read, before extents are resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct RawSymbol {
+    pub start: u64,
+    /// 0 = unknown: the symbol extends to the next symbol, but never past `limit`.
+    pub size: u64,
+    /// Exclusive address the symbol may not extend past (end of its section / module / text).
+    pub limit: u64,
+    pub name: String,
+    /// Ranks duplicates at one address: higher wins (e.g. a sized function over an asm label).
+    pub rank: u8,
+    pub object: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SymbolTable {
+    symbols: Vec<TableSymbol>,
+}
+
+impl SymbolTable {
+    pub fn from_raw(mut raw: Vec<RawSymbol>) -> Self {
+        // Sort by address, best-ranked first among equals, so that the first of a run of equal starts is the
+        // preferred name and dedup keeps it.
+        raw.sort_by(|a, b| {
+            a.start
+                .cmp(&b.start)
+                .then(b.rank.cmp(&a.rank))
+                .then(b.size.cmp(&a.size))
+                .then(a.name.cmp(&b.name))
+        });
+        raw.dedup_by(|later, first| later.start == first.start);
+        let mut symbols = Vec::with_capacity(raw.len());
+        for i in 0..raw.len() {
+            let sym = &raw[i];
+            let end = if sym.size > 0 {
+                sym.start.saturating_add(sym.size)
+            } else {
+                let next = raw.get(i + 1).map_or(u64::MAX, |n| n.start);
+                next.min(sym.limit)
+            };
+            if end <= sym.start {
+                continue;
+            }
+            symbols.push(TableSymbol {
+                start: sym.start,
+                end,
+                name: sym.name.clone(),
+                object: sym.object,
+            });
+        }
+        SymbolTable { symbols }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TableSymbol> {
+        self.symbols.iter()
+    }
+
+    /// The symbol whose extent contains `addr`, if any.
+    pub fn lookup(&self, addr: u64) -> Option<&TableSymbol> {
+        let after = self.symbols.partition_point(|s| s.start <= addr);
+        self.symbols[..after]
+            .iter()
+            .rev()
+            .take(ENCLOSING_SCAN)
+            .find(|s| addr < s.end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(start: u64, size: u64, limit: u64, name: &str) -> RawSymbol {
+        RawSymbol {
+            start,
+            size,
+            limit,
+            name: name.into(),
+            rank: 0,
+            object: None,
+        }
+    }
+
+    #[test]
+    fn sized_symbols_do_not_reach_past_their_end() {
+        let t = SymbolTable::from_raw(vec![
+            raw(0x1000, 0x10, u64::MAX, "a"),
+            raw(0x2000, 0x10, u64::MAX, "b"),
+        ]);
+        assert_eq!(t.lookup(0x100f).unwrap().name, "a");
+        assert!(t.lookup(0x1010).is_none());
+        assert!(t.lookup(0xfff).is_none());
+        assert!(t.lookup(0x2010).is_none());
+    }
+
+    #[test]
+    fn unsized_symbols_end_at_next_symbol_or_limit() {
+        let t = SymbolTable::from_raw(vec![
+            raw(0x1000, 0, 0x3000, "a"),
+            raw(0x2000, 0, 0x3000, "b"),
+        ]);
+        assert_eq!(t.lookup(0x1fff).unwrap().name, "a");
+        assert_eq!(t.lookup(0x2fff).unwrap().name, "b");
+        assert!(t.lookup(0x3000).is_none());
+    }
+
+    #[test]
+    fn nested_label_inside_sized_function_resolves_to_function() {
+        let t = SymbolTable::from_raw(vec![
+            raw(0x1000, 0x100, u64::MAX, "f"),
+            raw(0x1010, 0x8, u64::MAX, "label"),
+        ]);
+        assert_eq!(t.lookup(0x1012).unwrap().name, "label");
+        assert_eq!(t.lookup(0x1020).unwrap().name, "f");
+    }
+}

@@ -1,0 +1,244 @@
+//! The control socket: a unix stream socket (mode 0600) speaking newline-delimited JSON, protocol version 1.
+//! See `vmm/docs/control-protocol.md`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::vm::VmControl;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request line accepted; anything longer is garbage.
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot bind control socket {path}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set permissions on control socket {path}")]
+    Permissions {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to control socket {path}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket I/O")]
+    Io(#[from] std::io::Error),
+    #[error("malformed control reply: {0}")]
+    BadReply(String),
+    #[error("the VM refused: {0}")]
+    Refused(String),
+}
+
+/// A request, tagged by `cmd`. Every request carries `"v": 1`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Info,
+    Pause,
+    Resume,
+    Regs {
+        vcpu: usize,
+    },
+    /// Exit statistics per vCPU; `reset` zeroes them after reading.
+    ExitStats {
+        #[serde(default)]
+        reset: bool,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    v: u32,
+    #[serde(flatten)]
+    req: Request,
+}
+
+/// Removes the socket file when the server goes away.
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the socket (replacing a stale one), restricts it to the owner, and serves connections on a thread.
+pub fn serve(path: &Path, vm: VmControl) -> Result<ControlServer, ControlError> {
+    let p = path.display().to_string();
+    if path.exists() && UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    // Create the socket with no group/other bits at all, so there is no window where it is wider than 0600.
+    // SAFETY: umask only changes this process's file-creation mask; restored right after bind.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(|source| ControlError::Bind {
+        path: p.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| ControlError::Permissions { path: p, source })?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let vm = vm.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || serve_conn(conn, vm));
+            }
+        })?;
+    Ok(ControlServer {
+        path: path.to_path_buf(),
+    })
+}
+
+fn serve_conn(conn: UnixStream, vm: VmControl) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader
+            .by_ref()
+            .take(MAX_REQUEST as u64 + 1)
+            .read_line(&mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if line.len() > MAX_REQUEST {
+            error_reply("request too long")
+        } else {
+            handle_line(line.trim_end(), &vm)
+        };
+        if writeln!(out, "{reply}").is_err() || line.len() > MAX_REQUEST {
+            return;
+        }
+    }
+}
+
+fn error_reply(msg: &str) -> Value {
+    json!({ "ok": false, "error": msg })
+}
+
+/// Answers one request line. Pure over `VmControl`, so garbage never reaches the VM.
+pub fn handle_line(line: &str, vm: &VmControl) -> Value {
+    let env: Envelope = match serde_json::from_str(line) {
+        Ok(e) => e,
+        Err(e) => return error_reply(&format!("bad request: {e}")),
+    };
+    if env.v != PROTOCOL_VERSION {
+        return error_reply(&format!(
+            "unsupported protocol version {} (this VMM speaks {PROTOCOL_VERSION})",
+            env.v
+        ));
+    }
+    let result = match env.req {
+        Request::Info => Ok(json!({ "info": vm.info(), "protocol": PROTOCOL_VERSION })),
+        Request::Pause => vm.pause_all().map(|_| json!({})),
+        Request::Resume => vm.resume_all().map(|_| json!({})),
+        Request::Regs { vcpu } if vcpu >= vm.vcpu_count() => {
+            return error_reply(&format!("no vCPU {vcpu} (the VM has {})", vm.vcpu_count()))
+        }
+        Request::Regs { vcpu } => vm
+            .registers(vcpu, false)
+            .map(|r| json!({ "regs": regs_json(&r) })),
+        Request::ExitStats { reset } => {
+            let stats = vm.exit_stats();
+            if reset {
+                vm.reset_exit_stats();
+            }
+            Ok(json!({ "exit_stats": stats }))
+        }
+    };
+    match result {
+        Ok(mut v) => {
+            v["ok"] = json!(true);
+            v
+        }
+        Err(e) => error_reply(&e.to_string()),
+    }
+}
+
+fn regs_json(r: &crate::GuestRegisters) -> Value {
+    let mut m = serde_json::Map::new();
+    for (name, v) in gdbstub_kvm::regs::GPR_NAMES.iter().zip(r.gpr) {
+        m.insert(name.to_string(), json!(v));
+    }
+    for (name, v) in [
+        ("rip", r.rip),
+        ("rflags", r.rflags),
+        ("cr0", r.cr0),
+        ("cr2", r.cr2),
+        ("cr3", r.cr3),
+        ("cr4", r.cr4),
+        ("efer", r.efer),
+        ("fs_base", r.fs.base),
+        ("gs_base", r.gs.base),
+    ] {
+        m.insert(name.into(), json!(v));
+    }
+    m.insert("cs".into(), json!(r.cs.selector));
+    m.insert("cpl".into(), json!(r.cpl()));
+    Value::Object(m)
+}
+
+/// A blocking client for the control socket.
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ControlClient {
+    pub fn connect(path: &Path) -> Result<Self, ControlError> {
+        let s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(ControlClient {
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+        })
+    }
+
+    pub fn call(&mut self, req: Request) -> Result<Value, ControlError> {
+        let line = serde_json::to_string(&Envelope {
+            v: PROTOCOL_VERSION,
+            req,
+        })
+        .expect("requests serialize");
+        writeln!(self.writer, "{line}")?;
+        let mut reply = String::new();
+        self.reader.read_line(&mut reply)?;
+        let v: Value =
+            serde_json::from_str(&reply).map_err(|e| ControlError::BadReply(e.to_string()))?;
+        if v["ok"] == json!(true) {
+            Ok(v)
+        } else {
+            Err(ControlError::Refused(
+                v["error"].as_str().unwrap_or("unknown error").to_string(),
+            ))
+        }
+    }
+}

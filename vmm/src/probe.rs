@@ -1,0 +1,413 @@
+//! Host capability probe: asked once, consulted by every feature that depends on the host.
+//!
+//! Besides KVM's capability bits, it runs three tiny long-mode snippets in a throw-away VM, because the facts that
+//! matter most on PVM hosts (is `lock cmpxchg16b` / `xrstor` emulated at CPL0? how does a CPL0 `int3` arrive?) are not
+//! reported by any capability. A hardware-KVM host passes all three, so nothing is hidden there.
+
+use std::fmt;
+
+use kvm_bindings::*;
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::boot::{self, EntryPoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot open /dev/kvm (is KVM available and do you have permission?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    ApiVersion(i32),
+    #[error("KVM_GET_SUPPORTED_CPUID failed")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+}
+
+/// How a guest `int3` at CPL0 reaches the VMM when software breakpoints are enabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int3Delivery {
+    /// `KVM_EXIT_DEBUG`, as on VMX/SVM.
+    DebugExit,
+    /// `KVM_EXIT_INTERNAL_ERROR` with the instruction bytes (PVM): the VMM recovers it.
+    InternalError,
+    /// Something else (the probe could not tell).
+    Unknown,
+}
+
+/// Outcome of running one instruction at CPL0 in the probe VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emulation {
+    Runs,
+    /// KVM stopped with an internal error: the guest must not be offered the feature.
+    Fails,
+    /// The host CPU lacks the feature; nothing to probe.
+    NotOffered,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostCaps {
+    pub api_version: i32,
+    /// The `kvm_pvm` module is loaded: KVM without VMX/SVM.
+    pub pvm: bool,
+    pub sync_regs: u32,
+    pub immediate_exit: bool,
+    pub set_guest_debug: bool,
+    /// `KVM_CAP_SET_GUEST_DEBUG2` flags (includes `KVM_GUESTDBG_BLOCKIRQ` when supported).
+    pub guest_debug_flags: u32,
+    pub hw_breakpoints: i32,
+    pub readonly_mem: bool,
+    pub binary_stats_fd: bool,
+    /// The host's KVM offers a virtual PMU (`KVM_CAP_PMU_CAPABILITY` and CPUID leaf 0xA version > 0).
+    pub pmu: bool,
+    pub max_vcpus: usize,
+    pub cmpxchg16b: Emulation,
+    pub xsave: Emulation,
+    /// The guest sees CPUID.1:ECX.XSAVE even when the VMM's CPUID table clears it (PVM answers CPUID itself), so
+    /// hiding XSAVE needs the guest's cooperation (`noxsave` on a Linux command line).
+    pub xsave_cpuid_leaks: bool,
+    /// Likewise for CPUID.1:ECX.CX16 (`clearcpuid=cx16` on a Linux command line).
+    pub cx16_cpuid_leaks: bool,
+    pub int3: Int3Delivery,
+}
+
+impl HostCaps {
+    /// Command-line words a Linux guest needs on this host because CPUID cannot hide what the host cannot run.
+    pub fn linux_cmdline_workarounds(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.xsave == Emulation::Fails && self.xsave_cpuid_leaks {
+            v.push("noxsave");
+        }
+        if self.cmpxchg16b == Emulation::Fails && self.cx16_cpuid_leaks {
+            v.push("clearcpuid=cx16");
+        }
+        v
+    }
+
+    pub fn has_sync_regs(&self) -> bool {
+        let need = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
+        self.sync_regs & need == need
+    }
+    pub fn has_blockirq(&self) -> bool {
+        self.guest_debug_flags & KVM_GUESTDBG_BLOCKIRQ != 0
+    }
+
+    pub fn probe(kvm: &Kvm) -> Result<HostCaps, ProbeError> {
+        let api_version = kvm.get_api_version();
+        if api_version != 12 {
+            return Err(ProbeError::ApiVersion(api_version));
+        }
+        let cap = |c: u32| kvm.check_extension_raw(c as libc::c_ulong);
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ProbeError::SupportedCpuid)?;
+        let leaf = |f: u32| {
+            cpuid
+                .as_slice()
+                .iter()
+                .find(|e| e.function == f && e.index == 0)
+                .copied()
+        };
+        let leaf1 = leaf(1).unwrap_or_default();
+        let pmu_version = leaf(0xa).map(|e| e.eax & 0xff).unwrap_or(0);
+        let snippets = run_snippets(
+            kvm,
+            &cpuid,
+            leaf1.ecx,
+            leaf(0xd).is_some_and(|e| e.eax & 3 == 3),
+        );
+        Ok(HostCaps {
+            api_version,
+            pvm: std::path::Path::new("/sys/module/kvm_pvm").exists(),
+            sync_regs: cap(KVM_CAP_SYNC_REGS) as u32,
+            immediate_exit: cap(KVM_CAP_IMMEDIATE_EXIT) > 0,
+            set_guest_debug: cap(KVM_CAP_SET_GUEST_DEBUG) > 0,
+            guest_debug_flags: cap(KVM_CAP_SET_GUEST_DEBUG2).max(0) as u32,
+            hw_breakpoints: cap(KVM_CAP_GUEST_DEBUG_HW_BPS),
+            readonly_mem: cap(KVM_CAP_READONLY_MEM) > 0,
+            binary_stats_fd: cap(KVM_CAP_BINARY_STATS_FD) > 0,
+            pmu: cap(KVM_CAP_PMU_CAPABILITY) > 0 && pmu_version > 0,
+            max_vcpus: kvm.get_max_vcpus(),
+            cmpxchg16b: snippets.cmpxchg16b,
+            xsave: snippets.xsave,
+            xsave_cpuid_leaks: snippets.xsave_cpuid_leaks,
+            cx16_cpuid_leaks: snippets.cx16_cpuid_leaks,
+            int3: snippets.int3,
+        })
+    }
+}
+
+impl fmt::Display for HostCaps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        writeln!(f, "KVM API version        {}", self.api_version)?;
+        writeln!(f, "PVM (no VMX/SVM)       {}", yn(self.pvm))?;
+        writeln!(
+            f,
+            "sync regs              {:#x} ({})",
+            self.sync_regs,
+            yn(self.has_sync_regs())
+        )?;
+        writeln!(f, "immediate exit         {}", yn(self.immediate_exit))?;
+        writeln!(
+            f,
+            "set guest debug        {} (flags {:#x}, BLOCKIRQ {})",
+            yn(self.set_guest_debug),
+            self.guest_debug_flags,
+            yn(self.has_blockirq())
+        )?;
+        writeln!(f, "hw breakpoints (cap)   {}", self.hw_breakpoints)?;
+        writeln!(f, "read-only memory       {}", yn(self.readonly_mem))?;
+        writeln!(f, "binary stats fd        {}", yn(self.binary_stats_fd))?;
+        writeln!(
+            f,
+            "virtual PMU            {}",
+            if self.pmu {
+                "yes (guest gets it unless --no-pmu)"
+            } else {
+                "no (guest perf has no hardware events; sample with perf-kvm record)"
+            }
+        )?;
+        writeln!(f, "max vCPUs              {}", self.max_vcpus)?;
+        writeln!(
+            f,
+            "CPL0 lock cmpxchg16b   {:?}{}",
+            self.cmpxchg16b,
+            if self.cmpxchg16b == Emulation::Fails {
+                " (CX16 hidden from guests)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            f,
+            "CPL0 xsave/xrstor      {:?}{}",
+            self.xsave,
+            if self.xsave == Emulation::Fails {
+                " (XSAVE/AVX hidden from guests)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            f,
+            "CPUID hides XSAVE      {}",
+            if self.xsave_cpuid_leaks {
+                "no: the host shows it anyway (Linux guests get `noxsave`)"
+            } else {
+                "yes"
+            }
+        )?;
+        writeln!(
+            f,
+            "CPUID hides CX16       {}",
+            if self.cx16_cpuid_leaks {
+                "no: the host shows it anyway (Linux guests get `clearcpuid=cx16`)"
+            } else {
+                "yes"
+            }
+        )?;
+        write!(
+            f,
+            "CPL0 int3 arrives as   {}",
+            match self.int3 {
+                Int3Delivery::DebugExit => "KVM_EXIT_DEBUG",
+                Int3Delivery::InternalError => "KVM_EXIT_INTERNAL_ERROR (recovered by the VMM)",
+                Int3Delivery::Unknown => "unknown",
+            }
+        )
+    }
+}
+
+const SNIPPET_CODE: u64 = 0x10000;
+const SNIPPET_DATA: u64 = 0x20000;
+const CPUID_CX16: u32 = 1 << 13;
+const CPUID_XSAVE: u32 = 1 << 26;
+
+struct SnippetResults {
+    cmpxchg16b: Emulation,
+    xsave: Emulation,
+    xsave_cpuid_leaks: bool,
+    cx16_cpuid_leaks: bool,
+    int3: Int3Delivery,
+}
+
+/// Runs the snippets; a failure to even set up the probe VM leaves the answers at their safe defaults (features
+/// offered, int3 unknown), since the real VM will then report its own errors clearly.
+fn run_snippets(
+    kvm: &Kvm,
+    supported: &CpuId,
+    leaf1_ecx: u32,
+    has_xsave_state: bool,
+) -> SnippetResults {
+    let mut r = SnippetResults {
+        cmpxchg16b: Emulation::Runs,
+        xsave: Emulation::Runs,
+        xsave_cpuid_leaks: false,
+        cx16_cpuid_leaks: false,
+        int3: Int3Delivery::Unknown,
+    };
+    let Some((vm, mem)) = probe_vm(kvm) else {
+        return r;
+    };
+    let with_leaf1_ecx = |set: u32, clear: u32| {
+        let mut c = supported.clone();
+        for e in c.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+            e.ecx = (e.ecx | set) & !clear;
+        }
+        c
+    };
+    r.cmpxchg16b = if leaf1_ecx & CPUID_CX16 == 0 {
+        Emulation::NotOffered
+    } else {
+        // lock cmpxchg16b [rdi]; hlt
+        emulation(run_one(
+            &vm,
+            &mem,
+            0,
+            &[0xf0, 0x48, 0x0f, 0xc7, 0x0f, 0xf4],
+            Snippet::default(),
+        ))
+    };
+    r.xsave = if leaf1_ecx & CPUID_XSAVE == 0 && !has_xsave_state {
+        Emulation::NotOffered
+    } else {
+        // mov eax, 3; xor edx, edx; xsave64 [rdi]; xrstor64 [rdi]; hlt
+        let code = [
+            0xb8, 3, 0, 0, 0, 0x31, 0xd2, 0x48, 0x0f, 0xae, 0x27, 0x48, 0x0f, 0xae, 0x2f, 0xf4,
+        ];
+        let cpuid = with_leaf1_ecx(CPUID_XSAVE, 0);
+        emulation(run_one(
+            &vm,
+            &mem,
+            1,
+            &code,
+            Snippet {
+                cpuid: Some(&cpuid),
+                xsave: true,
+                ..Default::default()
+            },
+        ))
+    };
+    // mov eax, 1; xor ecx, ecx; cpuid; mov [rdi], ecx; hlt — with XSAVE and CX16 cleared in the table.
+    let code = [0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x89, 0x0f, 0xf4];
+    let cpuid = with_leaf1_ecx(0, CPUID_XSAVE | CPUID_CX16);
+    if run_one(
+        &vm,
+        &mem,
+        2,
+        &code,
+        Snippet {
+            cpuid: Some(&cpuid),
+            ..Default::default()
+        },
+    ) == Some(SnippetExit::Hlt)
+    {
+        let seen: u32 = mem
+            .read_obj(GuestAddress(SNIPPET_DATA + 2 * 0x1000))
+            .unwrap_or(0);
+        r.xsave_cpuid_leaks = seen & CPUID_XSAVE != 0;
+        r.cx16_cpuid_leaks = seen & CPUID_CX16 != 0;
+    }
+    r.int3 = match run_one(
+        &vm,
+        &mem,
+        3,
+        &[0xcc, 0xf4],
+        Snippet {
+            sw_bp: true,
+            ..Default::default()
+        },
+    ) {
+        Some(SnippetExit::Debug) => Int3Delivery::DebugExit,
+        Some(SnippetExit::InternalError) => Int3Delivery::InternalError,
+        _ => Int3Delivery::Unknown,
+    };
+    r
+}
+
+#[derive(Default)]
+struct Snippet<'a> {
+    cpuid: Option<&'a CpuId>,
+    xsave: bool,
+    sw_bp: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SnippetExit {
+    Hlt,
+    Debug,
+    InternalError,
+    Other,
+}
+
+fn emulation(exit: Option<SnippetExit>) -> Emulation {
+    match exit {
+        Some(SnippetExit::InternalError) => Emulation::Fails,
+        _ => Emulation::Runs,
+    }
+}
+
+fn probe_vm(kvm: &Kvm) -> Option<(VmFd, GuestMemoryMmap)> {
+    let vm = kvm.create_vm().ok()?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).ok()?;
+    boot::write_long_mode_tables(&mem).ok()?;
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: mem.get_host_address(region.start_addr()).ok()? as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which is returned with `vm` and outlives every vCPU run.
+        unsafe { vm.set_user_memory_region(r) }.ok()?;
+    }
+    Some((vm, mem))
+}
+
+fn run_one(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    id: u64,
+    code: &[u8],
+    opts: Snippet,
+) -> Option<SnippetExit> {
+    let mut vcpu = vm.create_vcpu(id).ok()?;
+    if let Some(cpuid) = opts.cpuid {
+        vcpu.set_cpuid2(cpuid).ok()?;
+    }
+    let code_at = SNIPPET_CODE + id * 0x100;
+    mem.write_slice(code, GuestAddress(code_at)).ok()?;
+    let (mut regs, mut sregs) = boot::boot_cpu_state(
+        EntryPoint::Linux64 { entry: code_at },
+        vcpu.get_sregs().ok()?,
+    );
+    regs.rdi = SNIPPET_DATA + id * 0x1000;
+    if opts.xsave {
+        sregs.cr4 |= (1 << 18) | (1 << 9); // OSXSAVE | OSFXSR
+    }
+    vcpu.set_sregs(&sregs).ok()?;
+    vcpu.set_regs(&regs).ok()?;
+    if opts.xsave {
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = 3;
+        vcpu.set_xcrs(&xcrs).ok()?;
+    }
+    if opts.sw_bp {
+        let dbg = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP,
+            ..Default::default()
+        };
+        vcpu.set_guest_debug(&dbg).ok()?;
+    }
+    let exit = match vcpu.run() {
+        Ok(VcpuExit::Hlt) => SnippetExit::Hlt,
+        Ok(VcpuExit::Debug(_)) => SnippetExit::Debug,
+        Ok(VcpuExit::InternalError) => SnippetExit::InternalError,
+        _ => SnippetExit::Other,
+    };
+    Some(exit)
+}

@@ -1,0 +1,427 @@
+//! One thread per vCPU, owning its `VcpuFd`, with an explicit state machine (Running / Paused / Exited).
+//!
+//! Other threads talk to a vCPU only through its request channel plus a kick (see `kick`); the thread answers
+//! requests between `KVM_RUN`s and blocks on the channel while paused — it never busy-waits.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::devices::{PioDevices, PioOutcome};
+use crate::exit::{self, InternalErrorAction, VmEnd};
+use crate::kick::{self, Kicker};
+use crate::paging::{read_virt, PagingContext};
+use crate::sampler::{walk_frame_pointers, SampleRequest, SampleSink, MAX_CALLCHAIN};
+use crate::{GuestMode, GuestRegisters, Sample};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {vcpu}: {op} failed")]
+    Ioctl {
+        vcpu: usize,
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {0} has exited")]
+    Exited(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuState {
+    Running = 0,
+    Paused = 1,
+    Exited = 2,
+}
+
+pub type Reply<T> = Sender<Result<T, VcpuError>>;
+
+/// Requests a vCPU thread serves between runs.
+pub enum VcpuRequest {
+    /// Stop running guest code; the reply comes once the vCPU is out of `KVM_RUN` and parked.
+    Pause(Reply<()>),
+    Resume,
+    GetRegisters {
+        with_fpu: bool,
+        reply: Reply<GuestRegisters>,
+    },
+    SetRegisters(Box<GuestRegisters>, Reply<()>),
+    SetGuestDebug(Box<kvm_guest_debug>, Reply<()>),
+    /// The VM is ending: leave the thread.
+    Exit,
+}
+
+/// What a vCPU tells the VM (the coordinator thread).
+#[derive(Debug)]
+pub enum VcpuEvent {
+    /// The guest or KVM ended the VM.
+    End(VmEnd),
+}
+
+/// The shared, thread-safe side of one vCPU.
+pub struct VcpuHandle {
+    pub id: usize,
+    pub tx: Sender<VcpuRequest>,
+    pub kicker: Kicker,
+    pub state: Arc<AtomicU8>,
+    pub sample_request: Arc<SampleRequest>,
+    pub exits: crate::exit_stats::SharedExitTable,
+}
+
+impl VcpuHandle {
+    pub fn state(&self) -> VcpuState {
+        match self.state.load(Ordering::Acquire) {
+            0 => VcpuState::Running,
+            1 => VcpuState::Paused,
+            _ => VcpuState::Exited,
+        }
+    }
+
+    /// Sends a request and kicks the vCPU out of the guest so it sees it promptly.
+    pub fn send(&self, req: VcpuRequest) -> Result<(), VcpuError> {
+        self.tx.send(req).map_err(|_| VcpuError::Exited(self.id))?;
+        self.kicker.kick();
+        Ok(())
+    }
+
+    /// Sends a request carrying a reply channel and waits for the answer.
+    pub fn call<T>(&self, make: impl FnOnce(Reply<T>) -> VcpuRequest) -> Result<T, VcpuError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(make(tx))?;
+        rx.recv().map_err(|_| VcpuError::Exited(self.id))?
+    }
+}
+
+/// Everything a vCPU thread owns.
+pub struct Vcpu {
+    pub id: usize,
+    pub fd: VcpuFd,
+    pub rx: Receiver<VcpuRequest>,
+    pub events: Sender<VcpuEvent>,
+    pub devices: Arc<PioDevices>,
+    pub mem: GuestMemoryMmap,
+    pub state: Arc<AtomicU8>,
+    pub sample_request: Arc<SampleRequest>,
+    pub sampling: Option<Arc<SampleSink>>,
+    pub use_sync_regs: bool,
+    pub symbolize: Option<crate::vm::SymbolizeFn>,
+    pub exits: crate::exit_stats::SharedExitTable,
+}
+
+impl Vcpu {
+    fn set_state(&self, s: VcpuState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    fn state(&self) -> VcpuState {
+        match self.state.load(Ordering::Acquire) {
+            0 => VcpuState::Running,
+            1 => VcpuState::Paused,
+            _ => VcpuState::Exited,
+        }
+    }
+
+    fn ioctl_err(&self, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let vcpu = self.id;
+        move |source| VcpuError::Ioctl { vcpu, op, source }
+    }
+
+    /// The thread body. Returns when the VM ends or an `Exit` request arrives.
+    pub fn run(mut self) {
+        kick::register_immediate_exit(immediate_exit_ptr(self.fd.get_kvm_run()));
+        if self.use_sync_regs {
+            self.fd.get_kvm_run().kvm_valid_regs = (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS) as u64;
+        }
+        while self.state() != VcpuState::Exited {
+            if self.state() == VcpuState::Paused {
+                match self.rx.recv() {
+                    Ok(req) => self.serve(req),
+                    Err(_) => self.set_state(VcpuState::Exited),
+                }
+                self.drop_sample_request();
+                continue;
+            }
+            while let Ok(req) = self.rx.try_recv() {
+                self.serve(req);
+            }
+            if self.state() != VcpuState::Running {
+                continue;
+            }
+            self.run_once();
+        }
+        kick::register_immediate_exit(std::ptr::null_mut());
+    }
+
+    fn serve(&mut self, req: VcpuRequest) {
+        match req {
+            VcpuRequest::Pause(reply) => {
+                self.set_state(VcpuState::Paused);
+                let _ = reply.send(Ok(()));
+            }
+            VcpuRequest::Resume => {
+                if self.state() == VcpuState::Paused {
+                    self.set_state(VcpuState::Running);
+                }
+            }
+            VcpuRequest::GetRegisters { with_fpu, reply } => {
+                let _ = reply.send(self.registers(with_fpu));
+            }
+            VcpuRequest::SetRegisters(regs, reply) => {
+                let _ = reply.send(self.set_registers(&regs));
+            }
+            VcpuRequest::SetGuestDebug(dbg, reply) => {
+                let _ = reply.send(
+                    self.fd
+                        .set_guest_debug(&dbg)
+                        .map_err(self.ioctl_err("KVM_SET_GUEST_DEBUG")),
+                );
+            }
+            VcpuRequest::Exit => self.set_state(VcpuState::Exited),
+        }
+    }
+
+    /// Full register state through ioctls (debugger and crash paths; the sampler uses sync regs instead).
+    pub fn registers(&self, with_fpu: bool) -> Result<GuestRegisters, VcpuError> {
+        let regs = self.fd.get_regs().map_err(self.ioctl_err("KVM_GET_REGS"))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
+        let fpu = if with_fpu {
+            Some(self.fd.get_fpu().map_err(self.ioctl_err("KVM_GET_FPU"))?)
+        } else {
+            None
+        };
+        let k_gs_base = self.read_msr(0xc000_0102).unwrap_or(0);
+        Ok(crate::regs::from_kvm(
+            &regs,
+            &sregs,
+            fpu.as_ref(),
+            k_gs_base,
+        ))
+    }
+
+    fn set_registers(&self, g: &GuestRegisters) -> Result<(), VcpuError> {
+        let mut regs = self.fd.get_regs().map_err(self.ioctl_err("KVM_GET_REGS"))?;
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
+        let mut fpu = self.fd.get_fpu().map_err(self.ioctl_err("KVM_GET_FPU"))?;
+        crate::regs::into_kvm(g, &mut regs, &mut sregs, &mut fpu);
+        self.fd
+            .set_regs(&regs)
+            .map_err(self.ioctl_err("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.ioctl_err("KVM_SET_SREGS"))?;
+        self.fd.set_fpu(&fpu).map_err(self.ioctl_err("KVM_SET_FPU"))
+    }
+
+    fn read_msr(&self, index: u32) -> Option<u64> {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .ok()?;
+        (self.fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+    }
+
+    fn run_once(&mut self) {
+        let result = self.fd.run();
+        let handling_started = std::time::Instant::now();
+        let key = crate::exit_stats::ExitKey::of(&result);
+        let end = match result {
+            Ok(VcpuExit::IoOut(port, data)) => match self.devices.write(port, data) {
+                PioOutcome::ExitRequested(status) => Some(VmEnd::GuestExit(status)),
+                PioOutcome::ResetRequested => Some(VmEnd::GuestReset),
+                PioOutcome::Handled | PioOutcome::Unclaimed => None,
+            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.devices.read(port, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(_addr, data)) => {
+                // No MMIO devices: reads of unbacked guest-physical space return all-ones, like an empty bus.
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(..)) => None,
+            Ok(VcpuExit::Hlt) => Some(VmEnd::GuestReset),
+            Ok(VcpuExit::Shutdown) => Some(self.crash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
+            Ok(VcpuExit::SystemEvent(..)) => Some(VmEnd::GuestReset),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.crash(format!(
+                "VM entry failed (hardware reason {reason:#x} on host cpu {cpu})"
+            ))),
+            Ok(VcpuExit::InternalError) => self.on_internal_error(),
+            Ok(VcpuExit::Debug(_)) => None,
+            Ok(other) => {
+                let what = format!("unexpected exit: {other:?}");
+                Some(self.crash(what))
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            // An application processor that got INIT returns EAGAIN once; run again.
+            Err(e) if e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(self.crash(format!("KVM_RUN failed: {e}"))),
+        };
+        if self.sample_request.take() {
+            self.take_sample();
+        }
+        self.exits
+            .record(key, handling_started.elapsed().as_nanos() as u64);
+        if let Some(end) = end {
+            self.set_state(VcpuState::Exited);
+            let _ = self.events.send(VcpuEvent::End(end));
+        }
+    }
+
+    fn drop_sample_request(&self) {
+        if self.sample_request.take() {
+            if let Some(sink) = &self.sampling {
+                sink.loss.vcpu_not_running.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn take_sample(&mut self) {
+        let Some(sink) = self.sampling.clone() else {
+            return;
+        };
+        let (rip, rbp, cs, ctx) = if self.use_sync_regs {
+            let run = self.fd.get_kvm_run();
+            // SAFETY: kvm_valid_regs asked KVM to fill `s.regs` on every exit; the union is plain data.
+            let s = unsafe { &run.s.regs };
+            let ctx = PagingContext {
+                cr0: s.sregs.cr0,
+                cr3: s.sregs.cr3,
+                cr4: s.sregs.cr4,
+                efer: s.sregs.efer,
+            };
+            (s.regs.rip, s.regs.rbp, s.sregs.cs.selector, ctx)
+        } else {
+            match (self.fd.get_regs(), self.fd.get_sregs()) {
+                (Ok(r), Ok(s)) => (
+                    r.rip,
+                    r.rbp,
+                    s.cs.selector,
+                    PagingContext {
+                        cr0: s.cr0,
+                        cr3: s.cr3,
+                        cr4: s.cr4,
+                        efer: s.efer,
+                    },
+                ),
+                _ => {
+                    sink.loss.vcpu_not_running.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        };
+        let callchain = if sink.callchains {
+            walk_frame_pointers(&self.mem, &ctx, rbp, MAX_CALLCHAIN)
+        } else {
+            Vec::new()
+        };
+        sink.push(Sample {
+            time_ns: sink.epoch.elapsed().as_nanos() as u64,
+            vcpu: self.id as u32,
+            rip,
+            mode: if cs & 3 == 0 {
+                GuestMode::Kernel
+            } else {
+                GuestMode::User
+            },
+            cr3: ctx.cr3 & 0x000f_ffff_ffff_f000,
+            callchain,
+        });
+    }
+
+    fn on_internal_error(&mut self) -> Option<VmEnd> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the `internal` union member is the valid one.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let bytes = exit::instruction_bytes(internal.suberror, internal.ndata, &internal.data);
+        let regs = self.registers(false).ok();
+        // Guest memory at RIP is authoritative: the bytes PVM attaches do not always start at RIP.
+        let byte_at_rip = regs
+            .as_ref()
+            .and_then(|r| {
+                let mut b = [0u8; 1];
+                (read_virt(&self.mem, &PagingContext::from_regs(r), r.rip, &mut b) == 1)
+                    .then_some(b[0])
+            })
+            .or_else(|| bytes.first().copied());
+        match exit::classify_internal_error(internal.suberror, byte_at_rip, false) {
+            InternalErrorAction::InjectBreakpoint => match self.inject_breakpoint() {
+                Ok(()) => None,
+                Err(e) => Some(self.crash(format!("cannot deliver guest int3 as #BP: {e}"))),
+            },
+            InternalErrorAction::DebuggerBreakpoint | InternalErrorAction::Fatal => {
+                Some(self.crash(format!(
+                    "KVM internal error: {} (suberror {}){}",
+                    exit::suberror_name(internal.suberror),
+                    internal.suberror,
+                    if bytes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", instruction bytes {bytes:02x?}")
+                    }
+                )))
+            }
+        }
+    }
+
+    /// Delivers a CPL0 `int3` that the host reported as an emulation failure to the guest as #BP.
+    fn inject_breakpoint(&mut self) -> Result<(), VcpuError> {
+        let mut regs = self.fd.get_regs().map_err(self.ioctl_err("KVM_GET_REGS"))?;
+        regs.rip += 1;
+        self.fd
+            .set_regs(&regs)
+            .map_err(self.ioctl_err("KVM_SET_REGS"))?;
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(self.ioctl_err("KVM_GET_VCPU_EVENTS"))?;
+        events.exception.injected = 1;
+        events.exception.nr = 3;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(self.ioctl_err("KVM_SET_VCPU_EVENTS"))
+    }
+
+    fn crash(&self, reason: String) -> VmEnd {
+        let report = match self.registers(false) {
+            Ok(regs) => {
+                let mut code = [0u8; 16];
+                let n = read_virt(
+                    &self.mem,
+                    &PagingContext::from_regs(&regs),
+                    regs.rip,
+                    &mut code,
+                );
+                let symbol = self.symbolize.as_ref().and_then(|f| f(regs.rip));
+                exit::crash_report(self.id, &reason, &regs, &code[..n], symbol.as_deref())
+            }
+            Err(e) => format!("vCPU {}: {reason}\n  (registers unavailable: {e})", self.id),
+        };
+        VmEnd::Crash {
+            vcpu: self.id,
+            reason,
+            report,
+        }
+    }
+}
+
+fn immediate_exit_ptr(run: &mut kvm_run) -> *mut u8 {
+    &mut run.immediate_exit as *mut u8
+}
