@@ -168,11 +168,12 @@ fn port_writes(out: &str) -> u64 {
         .expect("port_writes number")
 }
 
+/// KVM and QEMU are required (scripts/install-test-deps installs QEMU): a missing peer fails the test, it is not
+/// a pass.
 macro_rules! need_kvm {
     () => {
         if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
+            panic!("cannot run: {why}");
         }
     };
 }
@@ -370,7 +371,14 @@ fn fault_triple_shuts_the_vm_down() {
 fn fault_int3_in_ring0_reaches_the_bp_handler() {
     need_kvm!();
     if pvm_host() {
-        eprintln!("skipped: on PVM hosts int3 at CPL0 is a KVM internal error, which stops QEMU");
+        // The peer's known limit on PVM hosts (our VMM delivers it: see vmm tests): QEMU stops on the internal
+        // error and the guest never reaches its #BP handler.
+        let r = qemu("fault=int3", 1, Duration::from_secs(30));
+        assert!(
+            !r.out.contains("vector=3 #BP"),
+            "QEMU delivered the int3 after all: {}",
+            r.out
+        );
         return;
     }
     expect_exit("fault=int3", 1, 32 + 3, &["vector=3 #BP"]);
@@ -394,10 +402,10 @@ fn port_write_count_matches_what_qemu_saw() {
         .lines()
         .filter(|l| l.starts_with("memory_region_ops_write"))
         .collect();
-    if writes.is_empty() {
-        eprintln!("skipped the count: this QEMU has no 'log' trace backend");
-        return;
-    }
+    assert!(
+        !writes.is_empty(),
+        "this QEMU has no 'log' trace backend: cannot count port writes"
+    );
     // The firmware's writes come first; the guest's begin with its serial setup (IER = 0, then LCR = DLAB).
     let first = writes
         .windows(2)
