@@ -185,10 +185,106 @@ pub fn run_timer(
     }
 }
 
-/// The consumer's side of a sampling session.
+/// The consumer's side of a sampling session. Dropping it (or `VmControl::stop_sampling`) ends the session.
 pub struct SampleStream {
     pub rx: Receiver<Sample>,
     pub loss: Arc<LossCounters>,
+}
+
+/// Where vCPU threads find the current sampling session, if any. Sessions start and stop while the VM runs.
+#[derive(Default)]
+pub struct SamplingSlot {
+    sink: std::sync::Mutex<Option<Arc<SampleSink>>>,
+}
+
+impl SamplingSlot {
+    pub fn current(&self) -> Option<Arc<SampleSink>> {
+        self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn set(&self, sink: Option<Arc<SampleSink>>) -> Option<Arc<SampleSink>> {
+        std::mem::replace(
+            &mut *self.sink.lock().unwrap_or_else(|e| e.into_inner()),
+            sink,
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SamplerError {
+    #[error("a sampling session is already running on this VM")]
+    Busy,
+    #[error("sampling frequency must be between 1 and {max} Hz (got {got})")]
+    Frequency { got: u32, max: u32 },
+    #[error("cannot start the sampler thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Highest sampling rate accepted. Kicks saturate near 15-20k exits/s on PVM hosts; far beyond that nothing is
+/// gained anywhere.
+pub const MAX_FREQUENCY_HZ: u32 = 50_000;
+
+/// A running session: the timer thread and the slot it filled.
+pub struct SamplingSession {
+    stop: Arc<AtomicBool>,
+    timer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SamplingSession {
+    /// Fills the slot and starts the timer over `vcpus`.
+    pub fn start(
+        slot: &SamplingSlot,
+        cfg: SamplerConfig,
+        epoch: Instant,
+        vcpus: Vec<(Arc<SampleRequest>, Kicker)>,
+    ) -> Result<(SamplingSession, SampleStream), SamplerError> {
+        if cfg.frequency_hz == 0 || cfg.frequency_hz > MAX_FREQUENCY_HZ {
+            return Err(SamplerError::Frequency {
+                got: cfg.frequency_hz,
+                max: MAX_FREQUENCY_HZ,
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity.max(1));
+        let loss = Arc::new(LossCounters::default());
+        let sink = Arc::new(SampleSink {
+            tx,
+            loss: loss.clone(),
+            callchains: cfg.callchains,
+            epoch,
+            period_ns: 1_000_000_000 / cfg.frequency_hz as u64,
+        });
+        {
+            let mut guard = slot.sink.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.is_some() {
+                return Err(SamplerError::Busy);
+            }
+            *guard = Some(sink);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s) = (loss.clone(), stop.clone());
+        let timer = std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || run_timer(cfg.frequency_hz, vcpus, l, s))
+            .map_err(|e| {
+                slot.set(None);
+                SamplerError::Thread(e)
+            })?;
+        Ok((
+            SamplingSession {
+                stop,
+                timer: Some(timer),
+            },
+            SampleStream { rx, loss },
+        ))
+    }
+
+    /// Stops the timer and empties the slot; samples already queued stay readable from the stream.
+    pub fn stop(mut self, slot: &SamplingSlot) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.timer.take() {
+            let _ = t.join();
+        }
+        slot.set(None);
+    }
 }
 
 #[cfg(test)]

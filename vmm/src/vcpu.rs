@@ -16,8 +16,7 @@ use crate::exit::{self, InternalErrorAction, VmEnd};
 use crate::kick::{self, Kicker};
 use crate::paging::{read_virt, PagingContext};
 use crate::sampler::{
-    thread_cpu_time_ns, walk_frame_pointers, CpuTimeCredit, SampleRequest, SampleSink,
-    MAX_CALLCHAIN,
+    thread_cpu_time_ns, walk_frame_pointers, CpuTimeCredit, SampleRequest, MAX_CALLCHAIN,
 };
 use crate::{GuestMode, GuestRegisters, Sample};
 
@@ -110,7 +109,7 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     pub state: Arc<AtomicU8>,
     pub sample_request: Arc<SampleRequest>,
-    pub sampling: Option<Arc<SampleSink>>,
+    pub sampling: Arc<crate::sampler::SamplingSlot>,
     pub use_sync_regs: bool,
     pub symbolize: Option<crate::vm::SymbolizeFn>,
     pub exits: crate::exit_stats::SharedExitTable,
@@ -289,14 +288,14 @@ impl Vcpu {
 
     fn drop_sample_request(&self) {
         if self.sample_request.take() {
-            if let Some(sink) = &self.sampling {
+            if let Some(sink) = self.sampling.current() {
                 sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
     fn take_sample(&mut self) {
-        let Some(sink) = self.sampling.clone() else {
+        let Some(sink) = self.sampling.current() else {
             return;
         };
         if !self.cpu_credit.due(thread_cpu_time_ns(), sink.period_ns) {

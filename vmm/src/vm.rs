@@ -1,9 +1,9 @@
 //! Building a VM (memory, irqchip, PIT, devices, kernel, vCPUs) and coordinating its life until it ends.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8};
+use std::sync::atomic::AtomicU8;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -20,7 +20,9 @@ use crate::exit::VmEnd;
 use crate::kick::{self, Kicker};
 use crate::paging::{self, PagingContext};
 use crate::probe::{HostCaps, ProbeError};
-use crate::sampler::{self, LossCounters, SampleRequest, SampleSink, SampleStream, SamplerConfig};
+use crate::sampler::{
+    SampleRequest, SampleStream, SamplerConfig, SamplerError, SamplingSession, SamplingSlot,
+};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuState};
 use crate::GuestRegisters;
 
@@ -55,6 +57,8 @@ pub enum VmError {
     Thread(#[source] std::io::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -95,6 +99,10 @@ struct ControlInner {
     mem: GuestMemoryMmap,
     info: VmInfo,
     end_tx: Sender<VcpuEvent>,
+    sampling: Arc<SamplingSlot>,
+    session: Mutex<Option<SamplingSession>>,
+    /// Zero of sample timestamps.
+    epoch: Instant,
 }
 
 impl VmControl {
@@ -177,6 +185,37 @@ impl VmControl {
         ))
     }
 
+    /// Starts sampling every vCPU at `cfg.frequency_hz` of its CPU time; one session at a time.
+    pub fn start_sampling(&self, cfg: SamplerConfig) -> Result<SampleStream, SamplerError> {
+        let mut session = self.inner.session.lock().unwrap_or_else(|e| e.into_inner());
+        if session.is_some() {
+            return Err(SamplerError::Busy);
+        }
+        let targets = self
+            .inner
+            .vcpus
+            .iter()
+            .map(|h| (h.sample_request.clone(), h.kicker))
+            .collect();
+        let (s, stream) =
+            SamplingSession::start(&self.inner.sampling, cfg, self.inner.epoch, targets)?;
+        *session = Some(s);
+        Ok(stream)
+    }
+
+    /// Ends the sampling session, if any. Samples already queued stay readable from its stream.
+    pub fn stop_sampling(&self) {
+        let session = self
+            .inner
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(s) = session {
+            s.stop(&self.inner.sampling);
+        }
+    }
+
     /// Exit statistics of every vCPU, in vCPU order.
     pub fn exit_stats(&self) -> Vec<crate::exit_stats::VcpuExitStats> {
         self.inner
@@ -204,8 +243,6 @@ pub struct Vm {
     control: VmControl,
     events: Receiver<VcpuEvent>,
     threads: Vec<JoinHandle<()>>,
-    sampler_stop: Arc<AtomicBool>,
-    sampler_thread: Option<JoinHandle<()>>,
     devices: Arc<PioDevices>,
     // Kept alive for the life of the VM: dropping them tears the VM down.
     _vm_fd: VmFd,
@@ -293,14 +330,7 @@ impl Vm {
 
         kick::install_handler();
         let (event_tx, events) = mpsc::channel();
-        let loss = Arc::new(LossCounters::default());
-        let (sample_tx, sample_rx) = match cfg.sampler {
-            Some(s) => {
-                let (tx, rx) = mpsc::sync_channel(s.queue_capacity);
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
+        let sampling = Arc::new(SamplingSlot::default());
         let epoch = Instant::now();
         let mut handles = Vec::new();
         let mut threads = Vec::new();
@@ -341,16 +371,7 @@ impl Vm {
                 mem: mem.clone(),
                 state: state.clone(),
                 sample_request: sample_request.clone(),
-                sampling: sample_tx.as_ref().map(|tx| {
-                    Arc::new(SampleSink {
-                        tx: tx.clone(),
-                        loss: loss.clone(),
-                        callchains: cfg.sampler.is_some_and(|s| s.callchains),
-                        epoch,
-                        period_ns: 1_000_000_000
-                            / cfg.sampler.map_or(1, |s| s.frequency_hz.max(1)) as u64,
-                    })
-                }),
+                sampling: sampling.clone(),
                 use_sync_regs: caps.has_sync_regs(),
                 symbolize: cfg.symbolize.clone(),
                 exits: exits.clone(),
@@ -377,25 +398,6 @@ impl Vm {
                 exits,
             });
         }
-        drop(sample_tx);
-
-        let sampler_stop = Arc::new(AtomicBool::new(false));
-        let sampler_thread = match cfg.sampler {
-            Some(s) => {
-                let targets = handles
-                    .iter()
-                    .map(|h| (h.sample_request.clone(), h.kicker))
-                    .collect();
-                let (loss, stop) = (loss.clone(), sampler_stop.clone());
-                Some(
-                    std::thread::Builder::new()
-                        .name("sampler".into())
-                        .spawn(move || sampler::run_timer(s.frequency_hz, targets, loss, stop))
-                        .map_err(VmError::Thread)?,
-                )
-            }
-            None => None,
-        };
         let info = VmInfo {
             vcpus: cfg.cpus,
             mem_mib: cfg.mem_mib,
@@ -410,16 +412,20 @@ impl Vm {
                 mem,
                 info,
                 end_tx: event_tx,
+                sampling,
+                session: Mutex::new(None),
+                epoch,
             }),
         };
-        let stream = sample_rx.map(|rx| SampleStream { rx, loss });
+        let stream = match cfg.sampler {
+            Some(s) => Some(control.start_sampling(s)?),
+            None => None,
+        };
         Ok((
             Vm {
                 control,
                 events,
                 threads,
-                sampler_stop,
-                sampler_thread,
                 devices,
                 _vm_fd: vm_fd,
             },
@@ -442,15 +448,11 @@ impl Vm {
             Ok(VcpuEvent::End(end)) => end,
             Err(_) => VmEnd::Stopped,
         };
-        self.sampler_stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.control.stop_sampling();
         for v in &self.control.inner.vcpus {
             let _ = v.send(VcpuRequest::Exit);
         }
         for t in self.threads {
-            let _ = t.join();
-        }
-        if let Some(t) = self.sampler_thread {
             let _ = t.join();
         }
         self.devices.flush_serial();
