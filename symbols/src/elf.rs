@@ -15,6 +15,7 @@ use object::{
     Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind,
 };
 
+use crate::discriminator::DiscriminatorCache;
 use crate::symtab::{RawSymbol, SymbolTable, TableSymbol};
 use crate::Frame;
 
@@ -37,6 +38,7 @@ type Slice = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
 struct DwarfContext {
     // Declared before `_decompressed` so it is dropped first: it may borrow from those buffers.
     context: addr2line::Context<Slice>,
+    discriminators: DiscriminatorCache,
     _decompressed: Vec<Box<[u8]>>,
 }
 
@@ -130,6 +132,7 @@ impl ElfObject {
                         file: None,
                         line: None,
                         column: None,
+                        discriminator: None,
                         inlined: false,
                     });
                 }
@@ -184,11 +187,17 @@ impl ElfObject {
                 file,
                 line,
                 column,
+                discriminator: None,
                 inlined: true,
             });
         }
         if let Some(outer) = frames.last_mut() {
             outer.inlined = false;
+        }
+        if let Some(innermost) = frames.first_mut().filter(|f| f.line.is_some()) {
+            if let Some(unit) = dwarf.context.find_dwarf_and_unit(link_addr).skip_all_loads() {
+                innermost.discriminator = dwarf.discriminators.lookup(unit, link_addr).ok().flatten();
+            }
         }
         frames
     }
@@ -233,6 +242,7 @@ fn load_dwarf(data: &'static [u8]) -> Result<DwarfContext, String> {
     let context = addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"))?;
     Ok(DwarfContext {
         context,
+        discriminators: DiscriminatorCache::default(),
         _decompressed: decompressed,
     })
 }

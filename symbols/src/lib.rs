@@ -5,6 +5,7 @@
 //! System.map text, and module regions from `/proc/modules`. An address no source covers comes back unknown rather
 //! than as the nearest symbol far away.
 
+mod discriminator;
 mod elf;
 mod format;
 mod kallsyms;
@@ -64,6 +65,8 @@ pub struct Frame {
     pub file: Option<String>,
     pub line: Option<u32>,
     pub column: Option<u32>,
+    /// DWARF line-table discriminator of the innermost frame's row (binutils prints it; `None` if zero).
+    pub discriminator: Option<u32>,
     pub inlined: bool,
 }
 
@@ -232,6 +235,7 @@ impl Symbolizer {
                     file: None,
                     line: None,
                     column: None,
+                    discriminator: None,
                     inlined: false,
                 };
                 return Symbolized {
