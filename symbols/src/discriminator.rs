@@ -31,8 +31,15 @@ impl UnitDiscriminators {
     fn lookup(&self, addr: u64) -> Option<u32> {
         let after = self.sequences.partition_point(|s| s.start <= addr);
         // Sequences may overlap (e.g. discarded COMDAT copies at address 0); check the nearest few.
-        let sequence = self.sequences[..after].iter().rev().take(4).find(|s| addr < s.end)?;
-        let row = sequence.rows.partition_point(|&(a, _)| a <= addr).checked_sub(1)?;
+        let sequence = self.sequences[..after]
+            .iter()
+            .rev()
+            .take(4)
+            .find(|s| addr < s.end)?;
+        let row = sequence
+            .rows
+            .partition_point(|&(a, _)| a <= addr)
+            .checked_sub(1)?;
         Some(sequence.rows[row].1).filter(|&d| d != 0)
     }
 }
@@ -49,7 +56,9 @@ impl DiscriminatorCache {
         unit: gimli::UnitRef<'_, R>,
         addr: u64,
     ) -> Result<Option<u32>, DiscriminatorError> {
-        let Some(program) = unit.line_program.as_ref() else { return Ok(None) };
+        let Some(program) = unit.line_program.as_ref() else {
+            return Ok(None);
+        };
         let key = program.header().offset().0;
         let cached = self.units.borrow().get(&key).cloned();
         let table = match cached {
@@ -71,13 +80,20 @@ fn parse<R: gimli::Reader>(
     let mut rows: Vec<(u64, u32)> = Vec::new();
     let mut any_discriminator = false;
     let mut line_rows = program.rows();
-    while let Some((_, row)) = line_rows.next_row().map_err(DiscriminatorError::LineProgram)? {
+    while let Some((_, row)) = line_rows
+        .next_row()
+        .map_err(DiscriminatorError::LineProgram)?
+    {
         if row.end_sequence() {
             if let Some(&(start, _)) = rows.first() {
                 let end = row.address();
                 let taken = std::mem::take(&mut rows);
                 if start < end {
-                    sequences.push(Sequence { start, end, rows: taken });
+                    sequences.push(Sequence {
+                        start,
+                        end,
+                        rows: taken,
+                    });
                 }
             }
             continue;

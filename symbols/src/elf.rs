@@ -16,7 +16,7 @@ use object::{
 };
 
 use crate::discriminator::DiscriminatorCache;
-use crate::symtab::{RawSymbol, SymbolTable, TableSymbol};
+use crate::symtab::{RawSymbol, SymbolTable};
 use crate::Frame;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +105,30 @@ impl ElfObject {
         after > 0 && link_addr < self.ranges[after - 1].1
     }
 
-    pub fn symbols(&self) -> impl Iterator<Item = &TableSymbol> {
-        self.symtab.iter()
+    /// Every defined symbol's (name, link-time address), aliases included (the lookup table keeps one name per
+    /// address). Re-reads the symbol table: meant for one-off checks, not lookups.
+    pub fn named_addresses(&self) -> Vec<(&str, u64)> {
+        let Ok(obj) = object::File::parse(self.data) else {
+            return Vec::new();
+        };
+        let mut symbols: Vec<_> = obj.symbols().collect();
+        if symbols.is_empty() {
+            symbols = obj.dynamic_symbols().collect();
+        }
+        symbols
+            .iter()
+            .filter(|s| s.is_definition() || s.kind() == SymbolKind::Unknown)
+            .filter(|s| s.section_index().is_some())
+            .filter_map(|s| Some((s.name().ok()?, s.address())))
+            .filter(|(name, _)| !name.is_empty())
+            .collect()
+    }
+
+    pub fn address_of(&self, name: &str) -> Option<u64> {
+        self.named_addresses()
+            .into_iter()
+            .find(|&(n, _)| n == name)
+            .map(|(_, a)| a)
     }
 
     /// Frames for a link-time address, innermost first. Empty when neither DWARF nor the symbol table knows it.
@@ -195,8 +217,13 @@ impl ElfObject {
             outer.inlined = false;
         }
         if let Some(innermost) = frames.first_mut().filter(|f| f.line.is_some()) {
-            if let Some(unit) = dwarf.context.find_dwarf_and_unit(link_addr).skip_all_loads() {
-                innermost.discriminator = dwarf.discriminators.lookup(unit, link_addr).ok().flatten();
+            if let Some(unit) = dwarf
+                .context
+                .find_dwarf_and_unit(link_addr)
+                .skip_all_loads()
+            {
+                innermost.discriminator =
+                    dwarf.discriminators.lookup(unit, link_addr).ok().flatten();
             }
         }
         frames

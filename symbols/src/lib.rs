@@ -282,8 +282,8 @@ impl Symbolizer {
                 k.path.display()
             ));
         }
-        let by_name: std::collections::HashMap<&str, u64> =
-            elf.symbols().map(|s| (s.name.as_str(), s.start)).collect();
+        let named = elf.named_addresses();
+        let by_name: std::collections::HashMap<&str, u64> = named.iter().copied().collect();
         let (mut compared, mut differing) = (0usize, 0usize);
         let mut example = None;
         for entry in k

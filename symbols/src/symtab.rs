@@ -68,10 +68,6 @@ impl SymbolTable {
         SymbolTable { symbols }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &TableSymbol> {
-        self.symbols.iter()
-    }
-
     /// The symbol whose extent contains `addr`, if any.
     pub fn lookup(&self, addr: u64) -> Option<&TableSymbol> {
         let after = self.symbols.partition_point(|s| s.start <= addr);

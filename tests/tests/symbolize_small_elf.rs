@@ -65,7 +65,11 @@ fn symbolize_small_elf_matches_addr2line_and_llvm_symbolizer_on_every_byte() {
     let functions = readelf_functions(&elf);
     let addrs: Vec<u64> = functions
         .iter()
-        .filter(|(_, _, name)| ["main", "nearest", "hash", "fail"].iter().any(|f| name.starts_with(f)))
+        .filter(|(_, _, name)| {
+            ["main", "nearest", "hash", "fail"]
+                .iter()
+                .any(|f| name.starts_with(f))
+        })
         .flat_map(|&(start, size, _)| start..start + size)
         .collect();
     assert!(addrs.len() > 100, "too few addresses: {}", addrs.len());
@@ -73,14 +77,24 @@ fn symbolize_small_elf_matches_addr2line_and_llvm_symbolizer_on_every_byte() {
     let (ours, _) = perf_kvm_symbolize(&["--guest-vmlinux", elf.to_str().unwrap()], &addrs);
     let binutils = binutils_addr2line(&elf, &addrs);
     let llvm = llvm_symbolizer(&elf, &addrs);
-    let comparison = compare(&parse_records(&ours), &parse_records(&binutils), &parse_records(&llvm));
+    let comparison = compare(
+        &parse_records(&ours),
+        &parse_records(&binutils),
+        &parse_records(&llvm),
+    );
     let summary = comparison.summary();
     eprintln!("{summary}");
     assert_eq!(comparison.agreeing, addrs.len(), "{summary}");
     assert!(comparison.unexplained.is_empty(), "{summary}");
     // The program must really exercise inlining, or this test proves little.
-    let inlined = parse_records(&ours).iter().filter(|r| r.frames.len() >= 3).count();
-    assert!(inlined > 0, "no address with two levels of inlining:\n{ours}");
+    let inlined = parse_records(&ours)
+        .iter()
+        .filter(|r| r.frames.len() >= 3)
+        .count();
+    assert!(
+        inlined > 0,
+        "no address with two levels of inlining:\n{ours}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -89,13 +103,21 @@ fn symbolize_small_elf_unknown_addresses_are_unknown_not_nearest_symbol() {
     let dir = scratch_dir("symbolize-unknown");
     let elf = build_program(&dir);
     let functions = readelf_functions(&elf);
-    let end_of_last = functions.iter().map(|&(start, size, _)| start + size).max().unwrap();
+    let end_of_last = functions
+        .iter()
+        .map(|&(start, size, _)| start + size)
+        .max()
+        .unwrap();
     // Far past every section, below the first, and zero: binutils says `?? ??:0`, and so must we.
     let addrs = [0, 0x10, end_of_last + 0x10_0000, u64::MAX - 1];
     let (ours, _) = perf_kvm_symbolize(&["--guest-vmlinux", elf.to_str().unwrap()], &addrs);
     assert_eq!(ours, binutils_addr2line(&elf, &addrs));
     for record in parse_records(&ours) {
-        assert!(record.frames.is_empty(), "{:#x} should be unknown:\n{ours}", record.addr);
+        assert!(
+            record.frames.is_empty(),
+            "{:#x} should be unknown:\n{ours}",
+            record.addr
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }

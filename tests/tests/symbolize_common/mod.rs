@@ -12,8 +12,16 @@ use std::process::{Command, Stdio};
 pub fn perf_kvm() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/perf-kvm
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("perf-kvm");
-    assert!(bin.exists(), "{} not built: run `cargo build -p perf-kvm` first (scripts/test does)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("perf-kvm");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p perf-kvm` first (scripts/test does)",
+        bin.display()
+    );
     bin
 }
 
@@ -33,7 +41,11 @@ pub fn run_with_stdin(mut command: Command, stdin: &str) -> (String, String) {
     writer.join().expect("stdin writer").expect("write stdin");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "{description} failed ({}): {stderr}", output.status);
+    assert!(
+        output.status.success(),
+        "{description} failed ({}): {stderr}",
+        output.status
+    );
     (stdout, stderr)
 }
 
@@ -55,7 +67,9 @@ pub fn binutils_addr2line(elf: &Path, addrs: &[u64]) -> String {
 
 pub fn llvm_symbolizer(elf: &Path, addrs: &[u64]) -> String {
     let mut command = Command::new("llvm-symbolizer");
-    command.args(["--output-style=GNU", "-a", "-f", "-i", "-p", "-e"]).arg(elf);
+    command
+        .args(["--output-style=GNU", "-a", "-f", "-i", "-p", "-e"])
+        .arg(elf);
     run_with_stdin(command, &addresses_text(addrs)).0
 }
 
@@ -85,13 +99,23 @@ pub fn parse_records(output: &str) -> Vec<TextRecord> {
         let frame_text = if let Some(rest) = line.strip_prefix(" (inlined by) ") {
             rest
         } else {
-            let (address, rest) = line.split_once(": ").unwrap_or_else(|| panic!("unparsable line {line:?}"));
-            let digits = address.strip_prefix("0x").unwrap_or_else(|| panic!("unparsable address in {line:?}"));
+            let (address, rest) = line
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("unparsable line {line:?}"));
+            let digits = address
+                .strip_prefix("0x")
+                .unwrap_or_else(|| panic!("unparsable address in {line:?}"));
             let addr = u64::from_str_radix(digits, 16).unwrap_or_else(|e| panic!("{line:?}: {e}"));
-            records.push(TextRecord { addr, address_text: address.to_owned(), frames: Vec::new() });
+            records.push(TextRecord {
+                addr,
+                address_text: address.to_owned(),
+                frames: Vec::new(),
+            });
             rest
         };
-        let record = records.last_mut().unwrap_or_else(|| panic!("frame before any address: {line:?}"));
+        let record = records
+            .last_mut()
+            .unwrap_or_else(|| panic!("frame before any address: {line:?}"));
         if let Some(frame) = parse_frame(frame_text) {
             record.frames.push(frame);
         }
@@ -135,16 +159,27 @@ pub const BINUTILS_WRONG_FILE: &str =
 pub const LLVM_DISCRIMINATOR_INNERMOST_ONLY: &str =
     "llvm-symbolizer prints the discriminator on the innermost frame only; binutils (and we) repeat it on every \
      inlined-by line";
-pub const NO_LINE_SPELLING: &str = "a frame without line: binutils prints `??:?` or `file:?`, llvm-symbolizer `??:0`";
+pub const NO_LINE_SPELLING: &str =
+    "a frame without line: binutils prints `??:?` or `file:?`, llvm-symbolizer `??:0`";
 
 pub fn compare(ours: &[TextRecord], binutils: &[TextRecord], llvm: &[TextRecord]) -> Comparison {
     assert_eq!(ours.len(), binutils.len(), "record count vs binutils");
     assert_eq!(ours.len(), llvm.len(), "record count vs llvm-symbolizer");
-    let mut result = Comparison { addresses: ours.len(), ..Comparison::default() };
+    let mut result = Comparison {
+        addresses: ours.len(),
+        ..Comparison::default()
+    };
     for ((o, b), l) in ours.iter().zip(binutils).zip(llvm) {
-        assert_eq!((o.addr, b.addr, l.addr), (o.addr, o.addr, o.addr), "records out of step");
+        assert_eq!(
+            (o.addr, b.addr, l.addr),
+            (o.addr, o.addr, o.addr),
+            "records out of step"
+        );
         if o.address_text != b.address_text {
-            result.unexplained.push(format!("{:#x}: address printed {} vs binutils {}", o.addr, o.address_text, b.address_text));
+            result.unexplained.push(format!(
+                "{:#x}: address printed {} vs binutils {}",
+                o.addr, o.address_text, b.address_text
+            ));
         }
         let mut agrees = o.frames.len() == l.frames.len();
         if !agrees {
@@ -160,7 +195,8 @@ pub fn compare(ours: &[TextRecord], binutils: &[TextRecord], llvm: &[TextRecord]
         for (i, frame) in o.frames.iter().enumerate() {
             let bin = b.frames.get(i);
             let Some(llv) = l.frames.get(i) else { break };
-            let name_ok = bin.is_some_and(|f| f.function == frame.function) || llv.function == frame.function;
+            let name_ok =
+                bin.is_some_and(|f| f.function == frame.function) || llv.function == frame.function;
             if !name_ok {
                 agrees = false;
                 result.unexplained.push(format!(
@@ -182,14 +218,26 @@ pub fn compare(ours: &[TextRecord], binutils: &[TextRecord], llvm: &[TextRecord]
             }
             if frame.line != llv.line {
                 agrees = false;
-                result.unexplained.push(format!("{:#x} frame {i}: line {:?} vs llvm {:?}", o.addr, frame.line, llv.line));
+                result.unexplained.push(format!(
+                    "{:#x} frame {i}: line {:?} vs llvm {:?}",
+                    o.addr, frame.line, llv.line
+                ));
             }
             if frame.file != llv.file && !(frame.line.is_none() && llv.file == "??") {
-                result.unexplained.push(format!("{:#x} frame {i}: file {} vs llvm {}", o.addr, frame.file, llv.file));
+                result.unexplained.push(format!(
+                    "{:#x} frame {i}: file {} vs llvm {}",
+                    o.addr, frame.file, llv.file
+                ));
             }
             if frame.discriminator != llv.discriminator {
-                if i > 0 && llv.discriminator.is_none() && frame.discriminator == o.frames[0].discriminator {
-                    *result.explained.entry(LLVM_DISCRIMINATOR_INNERMOST_ONLY).or_default() += 1;
+                if i > 0
+                    && llv.discriminator.is_none()
+                    && frame.discriminator == o.frames[0].discriminator
+                {
+                    *result
+                        .explained
+                        .entry(LLVM_DISCRIMINATOR_INNERMOST_ONLY)
+                        .or_default() += 1;
                 } else {
                     result.unexplained.push(format!(
                         "{:#x} frame {i}: discriminator {:?} vs llvm {:?}",
@@ -200,12 +248,21 @@ pub fn compare(ours: &[TextRecord], binutils: &[TextRecord], llvm: &[TextRecord]
             // Against binutils the text must be identical, except where binutils' file is known wrong.
             if let Some(bin) = bin {
                 if bin.text != frame.text {
-                    let same_but_file = TextFrame { file: bin.file.clone(), text: String::new(), ..frame.clone() }
-                        == TextFrame { text: String::new(), ..bin.clone() };
+                    let same_but_file = TextFrame {
+                        file: bin.file.clone(),
+                        text: String::new(),
+                        ..frame.clone()
+                    } == TextFrame {
+                        text: String::new(),
+                        ..bin.clone()
+                    };
                     if same_but_file && frame.file == llv.file {
                         *result.explained.entry(BINUTILS_WRONG_FILE).or_default() += 1;
                     } else {
-                        result.unexplained.push(format!("{:#x} frame {i}: `{}` vs binutils `{}`", o.addr, frame.text, bin.text));
+                        result.unexplained.push(format!(
+                            "{:#x} frame {i}: `{}` vs binutils `{}`",
+                            o.addr, frame.text, bin.text
+                        ));
                     }
                 }
             }
@@ -214,7 +271,12 @@ pub fn compare(ours: &[TextRecord], binutils: &[TextRecord], llvm: &[TextRecord]
             }
         }
         if b.frames.len() != o.frames.len() {
-            result.unexplained.push(format!("{:#x}: {} frames, binutils {}", o.addr, o.frames.len(), b.frames.len()));
+            result.unexplained.push(format!(
+                "{:#x}: {} frames, binutils {}",
+                o.addr,
+                o.frames.len(),
+                b.frames.len()
+            ));
         }
         if agrees {
             result.agreeing += 1;
@@ -233,7 +295,10 @@ impl Comparison {
             text += &format!("  UNEXPLAINED: {line}\n");
         }
         if self.unexplained.len() > 40 {
-            text += &format!("  ... and {} more unexplained\n", self.unexplained.len() - 40);
+            text += &format!(
+                "  ... and {} more unexplained\n",
+                self.unexplained.len() - 40
+            );
         }
         text
     }
@@ -249,7 +314,11 @@ pub fn mix(mut x: u64) -> u64 {
 
 /// Sized functions of an ELF as binutils `readelf` sees them: (address, size, name), sorted, unique addresses.
 pub fn readelf_functions(elf: &Path) -> Vec<(u64, u64, String)> {
-    let output = Command::new("readelf").arg("-sW").arg(elf).output().expect("run readelf");
+    let output = Command::new("readelf")
+        .arg("-sW")
+        .arg(elf)
+        .output()
+        .expect("run readelf");
     assert!(output.status.success(), "readelf failed");
     let mut functions: Vec<(u64, u64, String)> = String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -260,7 +329,11 @@ pub fn readelf_functions(elf: &Path) -> Vec<(u64, u64, String)> {
                 return None;
             }
             let size = fields[2].parse::<u64>().ok().filter(|&s| s > 0)?;
-            Some((u64::from_str_radix(fields[1], 16).ok()?, size, fields[7].to_owned()))
+            Some((
+                u64::from_str_radix(fields[1], 16).ok()?,
+                size,
+                fields[7].to_owned(),
+            ))
         })
         .collect();
     functions.sort();
@@ -277,4 +350,107 @@ pub fn addresses_inside_functions(functions: &[(u64, u64, String)], count: usize
             start + mix(i as u64) % size
         })
         .collect()
+}
+
+/// Debian's `linux-image-6.1.0-*-cloud-amd64-dbg` vmlinux, downloaded once (`apt-get download` + `dpkg-deb
+/// --fsys-tarfile | tar -x` of just the vmlinux) and cached in `$KVM_PROF_CACHE`, else `$XDG_CACHE_HOME/kvm-prof`,
+/// else `/var/cache/kvm-prof` when writable, else `~/.cache/kvm-prof`. Panics (the test FAILS) when it can be neither
+/// found nor downloaded.
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("KVM_PROF_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("kvm-prof");
+    }
+    let system = PathBuf::from("/var/cache/kvm-prof");
+    if std::fs::create_dir_all(&system).is_ok() && is_writable(&system) {
+        return system;
+    }
+    PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kvm-prof")
+}
+
+fn is_writable(dir: &Path) -> bool {
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    let ok = std::fs::write(&probe, b"").is_ok();
+    std::fs::remove_file(&probe).ok();
+    ok
+}
+
+/// ABI number of a `vmlinux-6.1.0-N-cloud-amd64` or `linux-image-6.1.0-N-cloud-amd64-dbg` name.
+fn abi_number(name: &str) -> Option<u32> {
+    let rest = name.split("6.1.0-").nth(1)?;
+    rest.split('-').next()?.parse().ok()
+}
+
+/// The newest cached vmlinux, else the newest package apt knows, downloaded and extracted into the cache.
+pub fn debian_vmlinux() -> PathBuf {
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create cache {}: {e}", dir.display()));
+    let cached = std::fs::read_dir(&dir)
+        .expect("read cache dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vmlinux-6.1.0-") && n.ends_with("-cloud-amd64"))
+        .max_by_key(|n| abi_number(n));
+    if let Some(name) = cached {
+        return dir.join(name);
+    }
+
+    let search = Command::new("apt-cache")
+        .args([
+            "search",
+            "--names-only",
+            r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-dbg$",
+        ])
+        .output()
+        .expect("run apt-cache (needed to find the Debian kernel debug package)");
+    let package = String::from_utf8_lossy(&search.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .max_by_key(|n| abi_number(n))
+        .expect("apt-cache knows no linux-image-6.1.0-*-cloud-amd64-dbg package: cannot run this test (FAIL)");
+    let release = package
+        .trim_start_matches("linux-image-")
+        .trim_end_matches("-dbg")
+        .to_owned();
+
+    let download_dir = dir.join(format!("download-{}", std::process::id()));
+    std::fs::create_dir_all(&download_dir).expect("create download dir");
+    let status = Command::new("apt-get")
+        .args(["download", "-q", &package])
+        .current_dir(&download_dir)
+        .status()
+        .expect("run apt-get download");
+    assert!(
+        status.success(),
+        "apt-get download {package} failed: cannot run this test (FAIL)"
+    );
+    let deb = std::fs::read_dir(&download_dir)
+        .expect("read download dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("apt-get download produced no .deb");
+
+    let partial = dir.join(format!("vmlinux-{release}.partial-{}", std::process::id()));
+    let script = format!(
+        "dpkg-deb --fsys-tarfile '{}' | tar -x -O './usr/lib/debug/boot/vmlinux-{release}' > '{}'",
+        deb.display(),
+        partial.display()
+    );
+    let status = Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .expect("run dpkg-deb | tar");
+    assert!(
+        status.success(),
+        "extracting vmlinux from {} failed",
+        deb.display()
+    );
+    let final_path = dir.join(format!("vmlinux-{release}"));
+    std::fs::rename(&partial, &final_path).expect("move vmlinux into the cache");
+    std::fs::remove_dir_all(&download_dir).ok();
+    final_path
 }
