@@ -6,11 +6,10 @@
 //! `.rela.debug_*` in a distribution vmlinux are never read.
 
 use std::borrow::Cow;
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell, RefCell};
 use std::fs::File;
 use std::path::Path;
 
-use addr2line::LookupResult;
 use object::{
     Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind,
 };
@@ -39,12 +38,16 @@ struct DwarfContext {
     // Declared before `_decompressed` so it is dropped first: it may borrow from those buffers.
     context: addr2line::Context<Slice>,
     discriminators: DiscriminatorCache,
+    /// Units addr2line will silently skip (bad header or abbreviations): their code has no line info.
+    unit_problems: Option<String>,
     _decompressed: Vec<Box<[u8]>>,
 }
 
 pub(crate) struct ElfObject {
     // Field order is drop order: `dwarf` and `symtab` hold data borrowed from `map`, which must outlive them.
     dwarf: OnceCell<Result<DwarfContext, String>>,
+    lookup_errors: Cell<usize>,
+    first_lookup_error: RefCell<Option<String>>,
     symtab: SymbolTable,
     /// Sorted, non-overlapping link-time `[start, end)` ranges of allocated sections.
     ranges: Vec<(u64, u64)>,
@@ -82,6 +85,8 @@ impl ElfObject {
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
         Ok(ElfObject {
             dwarf: OnceCell::new(),
+            lookup_errors: Cell::new(0),
+            first_lookup_error: RefCell::new(None),
             symtab,
             ranges,
             build_id,
@@ -163,12 +168,28 @@ impl ElfObject {
         frames
     }
 
-    /// The DWARF parse error, if parsing was attempted and failed.
-    pub fn dwarf_error(&self) -> Option<&str> {
-        self.dwarf
-            .get()
-            .and_then(|r| r.as_ref().err())
-            .map(String::as_str)
+    /// What went wrong with this file's DWARF so far: a failed parse, or lookups that hit corrupt entries.
+    pub fn dwarf_problem(&self) -> Option<String> {
+        match self.dwarf.get() {
+            Some(Err(e)) => return Some(format!("DWARF unusable, symbol table only: {e}")),
+            Some(Ok(DwarfContext {
+                unit_problems: Some(problem),
+                ..
+            })) => return Some(problem.clone()),
+            _ => {}
+        }
+        let count = self.lookup_errors.get();
+        let first = self.first_lookup_error.borrow();
+        first.as_ref().map(|first| {
+            format!("{count} lookup(s) hit corrupt DWARF and fell back to the symbol table (first: {first})")
+        })
+    }
+
+    fn note_lookup_error(&self, link_addr: u64, error: gimli::Error) {
+        self.lookup_errors.set(self.lookup_errors.get() + 1);
+        self.first_lookup_error
+            .borrow_mut()
+            .get_or_insert_with(|| format!("{link_addr:#x}: {error}"));
     }
 
     fn dwarf_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
@@ -179,18 +200,25 @@ impl ElfObject {
         let Ok(dwarf) = self.dwarf.get_or_init(|| load_dwarf(self.data)) else {
             return Vec::new();
         };
-        let mut iter = match dwarf.context.find_frames(link_addr) {
-            LookupResult::Output(Ok(iter)) => iter,
-            // Corrupt DWARF for this address: fall back to the symbol table rather than failing the batch.
-            LookupResult::Output(Err(_)) => return Vec::new(),
-            load @ LookupResult::Load { .. } => match load.skip_all_loads() {
-                Ok(iter) => iter,
-                Err(_) => return Vec::new(),
-            },
+        // Corrupt DWARF for this address: fall back to the symbol table rather than failing the batch, and say so.
+        let mut iter = match dwarf.context.find_frames(link_addr).skip_all_loads() {
+            Ok(iter) => iter,
+            Err(e) => {
+                self.note_lookup_error(link_addr, e);
+                return Vec::new();
+            }
         };
         let mut frames = Vec::new();
-        // A corrupt DIE mid-chain ends the chain; the frames found so far are still right.
-        while let Ok(Some(frame)) = iter.next() {
+        loop {
+            let frame = match iter.next() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    // A corrupt DIE mid-chain ends the chain; the frames found so far are still right.
+                    self.note_lookup_error(link_addr, e);
+                    break;
+                }
+            };
             let function = frame.function.as_ref().and_then(|name| {
                 let name = if demangle {
                     name.demangle()
@@ -266,11 +294,44 @@ fn load_dwarf(data: &'static [u8]) -> Result<DwarfContext, String> {
         Ok(gimli::EndianSlice::new(bytes, endian))
     };
     let dwarf = gimli::Dwarf::load(&mut load_section)?;
+    let unit_problems = check_unit_headers(&dwarf);
     let context = addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"))?;
     Ok(DwarfContext {
         context,
         discriminators: DiscriminatorCache::default(),
+        unit_problems,
         _decompressed: decompressed,
+    })
+}
+
+/// Opens every unit's header, root DIE and line program header, as addr2line does when it indexes units, so that a
+/// corrupt unit, which addr2line skips without a word, is reported. Costs a few ms on a distribution vmlinux.
+fn check_unit_headers(dwarf: &gimli::Dwarf<Slice>) -> Option<String> {
+    let mut bad_units = 0usize;
+    let mut first = None;
+    let mut headers = dwarf.units();
+    loop {
+        match headers.next() {
+            Ok(Some(header)) => {
+                let offset = header.offset();
+                if let Err(e) = dwarf.unit(header) {
+                    bad_units += 1;
+                    first.get_or_insert_with(|| format!("unit {offset:?}: {e}"));
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // Unit lengths chain the units together: nothing after a bad header can be found.
+                bad_units += 1;
+                first.get_or_insert_with(|| {
+                    format!(".debug_info unit header: {e}; later units unreadable")
+                });
+                break;
+            }
+        }
+    }
+    first.map(|first| {
+        format!("{bad_units} corrupt DWARF unit(s) skipped, their code has no line info ({first})")
     })
 }
 

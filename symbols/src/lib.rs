@@ -177,11 +177,8 @@ impl Symbolizer {
     pub fn warnings(&self) -> Vec<String> {
         let mut all = self.warnings.clone();
         for elf in &self.elfs {
-            if let Some(e) = elf.dwarf_error() {
-                all.push(format!(
-                    "{}: DWARF unusable, symbol table only: {e}",
-                    elf.name
-                ));
+            if let Some(problem) = elf.dwarf_problem() {
+                all.push(format!("{}: {problem}", elf.name));
             }
         }
         all
@@ -306,7 +303,8 @@ impl Symbolizer {
                 format!(" (e.g. {name}: guest {guest:#x}, vmlinux {linked:#x} + {offset:#x})")
             });
             self.warnings.push(format!(
-                "{} does not match the guest's kallsyms {}: {differing} of {compared} text symbols disagree{detail}",
+                "{} does not match the guest's kallsyms {}: {differing} of {compared} text symbols disagree{detail}; \
+                 it is not the guest's kernel",
                 elf.name,
                 k.path.display()
             ));
