@@ -44,7 +44,7 @@ struct DwarfContext {
 }
 
 pub(crate) struct ElfObject {
-    // Field order is drop order: `dwarf` and `symtab` hold data borrowed from `map`, which must outlive them.
+    // Field order is drop order: `dwarf` holds data borrowed from `_backing`, which must outlive it.
     dwarf: OnceCell<Result<DwarfContext, String>>,
     lookup_errors: Cell<usize>,
     first_lookup_error: RefCell<Option<String>>,
@@ -55,9 +55,23 @@ pub(crate) struct ElfObject {
     relocatable: bool,
     pub name: String,
     pub bias: u64,
-    /// `'static` is a lie confined to this module: the slice lives exactly as long as `map`.
+    /// `'static` is a lie confined to this module: the slice lives exactly as long as `_backing`.
     data: &'static [u8],
-    _map: memmap2::Mmap,
+    _backing: Backing,
+}
+
+enum Backing {
+    Mapped(memmap2::Mmap),
+    Owned(Box<[u8]>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(map) => map,
+            Backing::Owned(bytes) => bytes,
+        }
+    }
 }
 
 impl ElfObject {
@@ -67,10 +81,22 @@ impl ElfObject {
         // file while it is mapped, reads may fault or return new bytes; that is the accepted contract of every
         // mmap-based symbolizer (addr2line, perf), and symbol files are not rewritten in place in practice.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(ElfError::Map)?;
-        // SAFETY: the mapping's address is fixed for its lifetime and does not move when `ElfObject` moves. The
-        // slice is stored next to `map`, only handed out with lifetimes bounded by `&self`, and every structure
-        // borrowing it (`dwarf`, `symtab` strings are owned) is declared before `map` and so dropped before it.
-        let data: &'static [u8] = unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) };
+        Self::from_backing(path.display().to_string(), Backing::Mapped(map), bias)
+    }
+
+    /// An ELF image already in memory (e.g. read from guest memory, or a fuzzer's input).
+    pub fn from_bytes(name: String, bytes: Vec<u8>, bias: u64) -> Result<Self, ElfError> {
+        Self::from_backing(name, Backing::Owned(bytes.into_boxed_slice()), bias)
+    }
+
+    fn from_backing(name: String, backing: Backing, bias: u64) -> Result<Self, ElfError> {
+        let bytes = backing.bytes();
+        // SAFETY: both backings keep their bytes at a fixed address for their lifetime (a mapping does not move; a
+        // boxed slice's heap buffer does not move when the box moves), and the backing is stored in the returned
+        // object. The slice is only handed out with lifetimes bounded by `&self`, and every field borrowing it
+        // (`dwarf`) is declared before `_backing` and so dropped before it.
+        let data: &'static [u8] =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len()) };
         let obj = object::File::parse(data).map_err(ElfError::Parse)?;
         let relocatable = match obj.kind() {
             ObjectKind::Executable | ObjectKind::Dynamic => false,
@@ -91,10 +117,10 @@ impl ElfObject {
             ranges,
             build_id,
             relocatable,
-            name: path.display().to_string(),
+            name,
             bias,
             data,
-            _map: map,
+            _backing: backing,
         })
     }
 

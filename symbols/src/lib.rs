@@ -121,22 +121,47 @@ impl Symbolizer {
         Ok(())
     }
 
-    /// `/proc/kallsyms` or `System.map` text.
-    pub fn add_kallsyms(&mut self, path: &Path) -> Result<(), SymbolsError> {
-        let text = read_text(path)?;
-        let entries = parse_kallsyms(&text).map_err(|source| SymbolsError::Kallsyms {
-            path: path.to_owned(),
+    /// Like [`Self::add_elf`] for an ELF image already in memory (read from guest memory, say); `name` is what
+    /// [`Symbolized::object`] reports.
+    pub fn add_elf_bytes(
+        &mut self,
+        name: &str,
+        bytes: Vec<u8>,
+        bias: u64,
+    ) -> Result<(), SymbolsError> {
+        let object =
+            elf::ElfObject::from_bytes(name.to_owned(), bytes, bias).map_err(|source| {
+                SymbolsError::Elf {
+                    path: PathBuf::from(name),
+                    source,
+                }
+            })?;
+        self.elfs.push(object);
+        self.check_kernel_consistency();
+        Ok(())
+    }
+
+    /// Like [`Self::add_kallsyms`] for text already in memory.
+    pub fn add_kallsyms_text(&mut self, name: &str, text: &str) -> Result<(), SymbolsError> {
+        let entries = parse_kallsyms(text).map_err(|source| SymbolsError::Kallsyms {
+            path: PathBuf::from(name),
             source,
         })?;
         let (table, object_names) = kallsyms::build_table(&entries, &self.modules);
         self.kallsyms = Some(KallsymsSource {
-            path: path.to_owned(),
+            path: PathBuf::from(name),
             entries,
             table,
             object_names,
         });
         self.check_kernel_consistency();
         Ok(())
+    }
+
+    /// `/proc/kallsyms` or `System.map` text.
+    pub fn add_kallsyms(&mut self, path: &Path) -> Result<(), SymbolsError> {
+        let text = read_text(path)?;
+        self.add_kallsyms_text(&path.display().to_string(), &text)
     }
 
     /// A copy of the guest's `/proc/modules`: module load regions.
