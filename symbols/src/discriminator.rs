@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscriminatorError {
@@ -46,7 +46,7 @@ impl UnitDiscriminators {
 
 #[derive(Default)]
 pub(crate) struct DiscriminatorCache {
-    units: RefCell<HashMap<usize, Rc<UnitDiscriminators>>>,
+    units: RefCell<HashMap<usize, Arc<UnitDiscriminators>>>,
 }
 
 impl DiscriminatorCache {
@@ -64,7 +64,7 @@ impl DiscriminatorCache {
         let table = match cached {
             Some(table) => table,
             None => {
-                let table = Rc::new(parse(program.clone())?);
+                let table = Arc::new(parse(program.clone())?);
                 self.units.borrow_mut().insert(key, table.clone());
                 table
             }

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
@@ -75,21 +76,37 @@ impl Backing {
 }
 
 impl ElfObject {
-    pub fn open(path: &Path, bias: u64) -> Result<Self, ElfError> {
+    /// `layout`: for a relocatable object (`.ko`), where the guest placed each section (by name); without it,
+    /// `.text` is placed at `bias`. Ignored for executables, which carry their own addresses.
+    pub fn open(
+        path: &Path,
+        bias: u64,
+        layout: Option<&HashMap<String, u64>>,
+    ) -> Result<Self, ElfError> {
         let file = File::open(path).map_err(ElfError::Open)?;
         // SAFETY: the mapping is read-only and private to this object. If another process truncates or rewrites the
         // file while it is mapped, reads may fault or return new bytes; that is the accepted contract of every
         // mmap-based symbolizer (addr2line, perf), and symbol files are not rewritten in place in practice.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(ElfError::Map)?;
-        Self::from_backing(path.display().to_string(), Backing::Mapped(map), bias)
+        Self::from_backing(
+            path.display().to_string(),
+            Backing::Mapped(map),
+            bias,
+            layout,
+        )
     }
 
     /// An ELF image already in memory (e.g. read from guest memory, or a fuzzer's input).
     pub fn from_bytes(name: String, bytes: Vec<u8>, bias: u64) -> Result<Self, ElfError> {
-        Self::from_backing(name, Backing::Owned(bytes.into_boxed_slice()), bias)
+        Self::from_backing(name, Backing::Owned(bytes.into_boxed_slice()), bias, None)
     }
 
-    fn from_backing(name: String, backing: Backing, bias: u64) -> Result<Self, ElfError> {
+    fn from_backing(
+        name: String,
+        backing: Backing,
+        mut bias: u64,
+        layout: Option<&HashMap<String, u64>>,
+    ) -> Result<Self, ElfError> {
         let bytes = backing.bytes();
         // SAFETY: both backings keep their bytes at a fixed address for their lifetime (a mapping does not move; a
         // boxed slice's heap buffer does not move when the box moves), and the backing is stored in the returned
@@ -103,11 +120,19 @@ impl ElfObject {
             ObjectKind::Relocatable => true,
             other => return Err(ElfError::UnsupportedKind(other)),
         };
-        let ranges = address_ranges(&obj, relocatable);
+        let placement = if relocatable {
+            let text_only = HashMap::from([(".text".to_owned(), bias)]);
+            // Placed sections carry final addresses: no bias on top.
+            bias = 0;
+            Some(section_placement(&obj, layout.unwrap_or(&text_only)))
+        } else {
+            None
+        };
+        let ranges = address_ranges(&obj, placement.as_deref());
         if ranges.is_empty() {
             return Err(ElfError::NoAddressRanges);
         }
-        let symtab = read_symbols(&obj, relocatable);
+        let symtab = read_symbols(&obj, placement.as_deref());
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
         Ok(ElfObject {
             dwarf: OnceCell::new(),
@@ -361,13 +386,33 @@ fn check_unit_headers(dwarf: &gimli::Dwarf<Slice>) -> Option<String> {
     })
 }
 
-fn address_ranges(obj: &object::File<'_>, relocatable: bool) -> Vec<(u64, u64)> {
-    let mut ranges: Vec<(u64, u64)> = if relocatable {
-        // A module's `.text` is placed at the bias; its other sections are laid out by the guest's module loader,
-        // which only `/sys/module/*/sections` would tell us.
-        obj.section_by_name(".text")
-            .map(|s| (0, s.size()))
-            .into_iter()
+/// Load address of each section of a relocatable object, by section index; `None` = not placed (not loaded, or
+/// its address unknown).
+fn section_placement(obj: &object::File<'_>, layout: &HashMap<String, u64>) -> Vec<Option<u64>> {
+    let mut placement = Vec::new();
+    for section in obj.sections() {
+        let index = section.index().0;
+        if placement.len() <= index {
+            placement.resize(index + 1, None);
+        }
+        placement[index] = section
+            .name()
+            .ok()
+            .and_then(|name| layout.get(name))
+            .copied();
+    }
+    placement
+}
+
+fn address_ranges(obj: &object::File<'_>, placement: Option<&[Option<u64>]>) -> Vec<(u64, u64)> {
+    let relocatable = placement.is_some();
+    let mut ranges: Vec<(u64, u64)> = if let Some(placement) = placement {
+        obj.sections()
+            .filter(|s| s.size() > 0)
+            .filter_map(|s| {
+                let start = placement.get(s.index().0).copied().flatten()?;
+                Some((start, start.saturating_add(s.size())))
+            })
             .collect()
     } else {
         obj.sections()
@@ -404,19 +449,23 @@ fn is_allocated(section: &object::Section<'_, '_>) -> bool {
     }
 }
 
-fn read_symbols(obj: &object::File<'_>, relocatable: bool) -> SymbolTable {
-    let text_index = obj.section_by_name(".text").map(|s| s.index());
-    let mut section_ends = Vec::new();
+fn read_symbols(obj: &object::File<'_>, placement: Option<&[Option<u64>]>) -> SymbolTable {
+    // Per section index: (where its symbols' values are relative to, end address). Unplaced sections of a
+    // relocatable object have no entry and their symbols are dropped.
+    let mut sections: Vec<Option<(u64, u64)>> = Vec::new();
     for s in obj.sections() {
-        let end = if relocatable {
-            s.size()
-        } else {
-            s.address().saturating_add(s.size())
+        let base_and_end = match placement {
+            Some(placement) => placement
+                .get(s.index().0)
+                .copied()
+                .flatten()
+                .map(|start| (start, start.saturating_add(s.size()))),
+            None => Some((0, s.address().saturating_add(s.size()))),
         };
-        if section_ends.len() <= s.index().0 {
-            section_ends.resize(s.index().0 + 1, u64::MAX);
+        if sections.len() <= s.index().0 {
+            sections.resize(s.index().0 + 1, None);
         }
-        section_ends[s.index().0] = end;
+        sections[s.index().0] = base_and_end;
     }
     let mut symbols: Vec<_> = obj.symbols().collect();
     if symbols.is_empty() {
@@ -437,12 +486,11 @@ fn read_symbols(obj: &object::File<'_>, relocatable: bool) -> SymbolTable {
         if name.is_empty() || name.starts_with(".L") {
             continue;
         }
-        if relocatable && Some(index) != text_index {
+        let Some((base, limit)) = sections.get(index.0).copied().flatten() else {
             continue;
-        }
-        let limit = section_ends.get(index.0).copied().unwrap_or(u64::MAX);
+        };
         raw.push(RawSymbol {
-            start: sym.address(),
+            start: base.wrapping_add(sym.address()),
             size: sym.size(),
             limit,
             name: name.to_owned(),

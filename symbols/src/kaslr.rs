@@ -126,7 +126,7 @@ pub fn build_id_from_notes(notes: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn open_vmlinux(path: &Path) -> Result<ElfObject, KaslrError> {
-    ElfObject::open(path, 0).map_err(|source| KaslrError::Elf {
+    ElfObject::open(path, 0, None).map_err(|source| KaslrError::Elf {
         path: path.to_owned(),
         source,
     })

@@ -12,6 +12,7 @@ mod kallsyms;
 mod kaslr;
 mod symtab;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use elf::ElfError;
@@ -78,7 +79,8 @@ struct KallsymsSource {
     object_names: Vec<String>,
 }
 
-/// Symbolizes addresses of one address space from several sources. Not `Sync`: DWARF is parsed lazily behind `&self`.
+/// Symbolizes addresses of one address space from several sources. `Send` but not `Sync`: DWARF is parsed lazily
+/// behind `&self`, so give each thread its own.
 pub struct Symbolizer {
     elfs: Vec<elf::ElfObject>,
     kallsyms: Option<KallsymsSource>,
@@ -110,14 +112,34 @@ impl Symbolizer {
     }
 
     /// An ELF (vmlinux, test guest, user binary). `bias` is added to its addresses (KASLR offset / load bias).
-    /// A relocatable object (`.ko`) contributes only its `.text` symbols, with `.text` placed at `bias`.
+    /// A relocatable object (`.ko`) contributes only its `.text` symbols, with `.text` placed at `bias`
+    /// (see [`Self::add_module_elf`] to place all its sections).
     pub fn add_elf(&mut self, path: &Path, bias: u64) -> Result<(), SymbolsError> {
-        let object = elf::ElfObject::open(path, bias).map_err(|source| SymbolsError::Elf {
-            path: path.to_owned(),
-            source,
-        })?;
+        let object =
+            elf::ElfObject::open(path, bias, None).map_err(|source| SymbolsError::Elf {
+                path: path.to_owned(),
+                source,
+            })?;
         self.elfs.push(object);
         self.check_kernel_consistency();
+        Ok(())
+    }
+
+    /// A kernel module (`.ko`) placed where the guest loaded each of its sections, by section name: see
+    /// [`read_module_sections`] for a copy of the guest's `/sys/module/NAME/sections/`. Symbol tables only: a
+    /// module's DWARF needs relocations applied, which is not done.
+    pub fn add_module_elf(
+        &mut self,
+        path: &Path,
+        section_addresses: &HashMap<String, u64>,
+    ) -> Result<(), SymbolsError> {
+        let object = elf::ElfObject::open(path, 0, Some(section_addresses)).map_err(|source| {
+            SymbolsError::Elf {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        self.elfs.push(object);
         Ok(())
     }
 
@@ -342,6 +364,38 @@ pub fn kaslr_offset_from_kallsyms(vmlinux: &Path, kallsyms: &Path) -> Result<u64
     Ok(kaslr::kaslr_offset_from_kallsyms(vmlinux, kallsyms)?)
 }
 
+/// Section load addresses from a copy of a guest's `/sys/module/NAME/sections/` directory: one file per section
+/// (`.text`, `.init.text`, `.data`, ...) holding its address in hex.
+pub fn read_module_sections(dir: &Path) -> Result<HashMap<String, u64>, SymbolsError> {
+    let read_error = |source| SymbolsError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut sections = HashMap::new();
+    for entry in std::fs::read_dir(dir).map_err(read_error)? {
+        let entry = entry.map_err(read_error)?;
+        let path = entry.path();
+        let text = read_text(&path)?;
+        let value = text.trim();
+        let digits = value.strip_prefix("0x").unwrap_or(value);
+        let address = u64::from_str_radix(digits, 16).map_err(|_| SymbolsError::Read {
+            path: path.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("expected a hex section address, got {value:?}"),
+            ),
+        })?;
+        sections.insert(entry.file_name().to_string_lossy().into_owned(), address);
+    }
+    if !sections.is_empty() && sections.values().all(|&a| a == 0) {
+        return Err(SymbolsError::Kallsyms {
+            path: dir.to_owned(),
+            source: KallsymsError::AddressesHidden,
+        });
+    }
+    Ok(sections)
+}
+
 /// The GNU build-id of an ELF file, if it has one.
 pub fn build_id(elf: &Path) -> Result<Option<Vec<u8>>, SymbolsError> {
     Ok(kaslr::build_id(elf)?)
@@ -357,4 +411,13 @@ fn read_text(path: &Path) -> Result<String, SymbolsError> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn symbolizer_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<super::Symbolizer>();
+    }
 }
