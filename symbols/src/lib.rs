@@ -121,7 +121,10 @@ impl Symbolizer {
                 source,
             })?;
         self.elfs.push(object);
-        self.check_kernel_consistency();
+        // Only the first ELF is the kernel image that kallsyms describe; later ones (modules) are not checked.
+        if self.elfs.len() == 1 {
+            self.check_kernel_consistency();
+        }
         Ok(())
     }
 
@@ -159,7 +162,10 @@ impl Symbolizer {
                 }
             })?;
         self.elfs.push(object);
-        self.check_kernel_consistency();
+        // Only the first ELF is the kernel image that kallsyms describe; later ones (modules) are not checked.
+        if self.elfs.len() == 1 {
+            self.check_kernel_consistency();
+        }
         Ok(())
     }
 

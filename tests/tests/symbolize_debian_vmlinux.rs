@@ -26,13 +26,7 @@ fn symbolize_debian_vmlinux_matches_addr2line_and_llvm_symbolizer() {
     );
     let addrs = addresses_inside_functions(&functions, ADDRESS_COUNT);
 
-    let (ours, stderr) =
-        perf_kvm_symbolize(&["--guest-vmlinux", vmlinux.to_str().unwrap()], &addrs);
-    assert!(stderr.is_empty(), "unexpected warnings: {stderr}");
-    let binutils = binutils_addr2line(&vmlinux, &addrs);
-    let llvm = llvm_symbolizer(&vmlinux, &addrs);
-    let ours = parse_records(&ours);
-    let comparison = compare(&ours, &parse_records(&binutils), &parse_records(&llvm));
+    let (comparison, ours) = compare_with_peers(&vmlinux, &addrs);
     let summary = comparison.summary();
     eprintln!("{}: {summary}", vmlinux.display());
 

@@ -139,6 +139,21 @@ fn parse_frame(text: &str) -> Option<TextFrame> {
     })
 }
 
+/// `perf-kvm symbolize --guest-vmlinux ELF` on `addrs`, compared with binutils and llvm-symbolizer on the same
+/// ELF. Returns the comparison and our parsed records. For any guest ELF, e.g. the test guest:
+/// `let (c, _) = compare_with_peers(elf, &addrs); assert_eq!(c.agreeing, addrs.len(), "{}", c.summary());`
+pub fn compare_with_peers(elf: &Path, addrs: &[u64]) -> (Comparison, Vec<TextRecord>) {
+    let (ours, stderr) = perf_kvm_symbolize(
+        &["--guest-vmlinux", elf.to_str().expect("UTF-8 path")],
+        addrs,
+    );
+    assert!(stderr.is_empty(), "unexpected warnings: {stderr}");
+    let ours = parse_records(&ours);
+    let binutils = parse_records(&binutils_addr2line(elf, addrs));
+    let llvm = parse_records(&llvm_symbolizer(elf, addrs));
+    (compare(&ours, &binutils, &llvm), ours)
+}
+
 /// Outcome of comparing our records with both peers.
 #[derive(Debug, Default)]
 pub struct Comparison {
