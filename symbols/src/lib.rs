@@ -1,9 +1,28 @@
 //! Guest symbolization: vmlinux ELF + DWARF, kallsyms, modules, KASLR offset.
 //!
 //! One [`Symbolizer`] per guest address space (the guest kernel, or one guest user binary) answers batches of
-//! addresses from every source it was given: ELF symbol tables and DWARF (line tables, inline frames), kallsyms or
-//! System.map text, and module regions from `/proc/modules`. An address no source covers comes back unknown rather
-//! than as the nearest symbol far away.
+//! addresses from every source it was given: ELF symbol tables and DWARF (line tables, inline frames,
+//! discriminators), kallsyms or System.map text, module regions from `/proc/modules`, and `.ko` files placed by
+//! `/sys/module/*/sections`. An address no source covers comes back unknown rather than as the nearest symbol far
+//! away. Files are memory-mapped and DWARF is parsed lazily, per compilation unit, and cached; relocations are never
+//! applied to an executable's DWARF, so a distribution vmlinux's `.rela.debug_*` are never read.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), symbols::SymbolsError> {
+//! use std::path::Path;
+//! let (vmlinux, kallsyms) = (Path::new("vmlinux"), Path::new("guest-kallsyms"));
+//! let mut kernel = symbols::Symbolizer::new();
+//! kernel.add_elf(vmlinux, symbols::kaslr_offset_from_kallsyms(vmlinux, kallsyms)?)?;
+//! kernel.add_kallsyms(kallsyms)?; // module symbols; warns if the vmlinux is not the guest's
+//! for warning in kernel.warnings() {
+//!     eprintln!("warning: {warning}");
+//! }
+//! for result in kernel.symbolize(&[0xffff_ffff_8100_0000]) {
+//!     print!("{}", symbols::format_addr2line(&result, symbols::Addr2lineStyle::AFIP));
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 mod discriminator;
 mod elf;

@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // Probe around the ELF entry point (valid in mutants of a real seed, so DWARF gets parsed) and at addresses
     // taken from the input itself.
-    let word = |at: usize| data.get(at..at + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()));
+    let word = |at: usize| {
+        data.get(at..at + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
     let entry = word(24);
     let mut addrs: Vec<u64> = (0..64).map(|i| entry.wrapping_add(i * 3)).collect();
     addrs.extend((0..8).map(|i| word(data.len().saturating_sub(8 * (i + 1)))));
