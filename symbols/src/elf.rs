@@ -27,7 +27,7 @@ pub enum ElfError {
     Map(#[source] std::io::Error),
     #[error("not a valid ELF file")]
     Parse(#[source] object::Error),
-    #[error("unsupported object kind {0:?} (want an executable, shared object, relocatable or core-less ELF)")]
+    #[error("unsupported object kind {0:?} (want an executable, a shared object or a relocatable object)")]
     UnsupportedKind(ObjectKind),
     #[error("has neither sections nor loadable segments: nothing to symbolize")]
     NoAddressRanges,

@@ -25,13 +25,22 @@ fn shifted_system_map(vmlinux: &Path, offset: u64) -> String {
         .collect()
 }
 
+/// A random KASLR offset (printed; `KASLR_TEST_OFFSET=HEX` replays one). Linux randomizes the kernel within 1 GiB in
+/// CONFIG_PHYSICAL_ALIGN (2 MiB) steps; here at least 128 MiB, more than the whole image, so that shifted addresses
+/// never land back inside the unshifted vmlinux.
 fn random_kaslr_offset() -> u64 {
+    if let Ok(hex) = std::env::var("KASLR_TEST_OFFSET") {
+        return u64::from_str_radix(hex.trim_start_matches("0x"), 16)
+            .expect("KASLR_TEST_OFFSET is hex");
+    }
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    // Linux randomizes the kernel within 1 GiB in CONFIG_PHYSICAL_ALIGN (2 MiB) steps; never 0 here.
-    (1 + mix(seed) % 511) * KASLR_ALIGN
+    let min_steps = 64;
+    let offset = (min_steps + mix(seed) % (512 - min_steps)) * KASLR_ALIGN;
+    eprintln!("KASLR offset {offset:#x} (replay with KASLR_TEST_OFFSET={offset:x})");
+    offset
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -44,7 +53,6 @@ fn scratch(name: &str) -> PathBuf {
 fn symbolize_kaslr_shifted_vmlinux_with_kallsyms_matches_unshifted_addr2line() {
     let vmlinux = debian_vmlinux();
     let offset = random_kaslr_offset();
-    eprintln!("KASLR offset {offset:#x}");
     let dir = scratch("symbolize-kaslr");
     let kallsyms = dir.join("kallsyms");
     std::fs::write(&kallsyms, shifted_system_map(&vmlinux, offset)).unwrap();
@@ -94,6 +102,19 @@ fn symbolize_kaslr_shifted_vmlinux_with_kallsyms_matches_unshifted_addr2line() {
     );
     assert_eq!(explicit, ours);
     // And without the offset the shifted addresses are outside the vmlinux: unknown, not some symbol.
+    let image_end = shifted_system_map(&vmlinux, 0)
+        .lines()
+        .find_map(|l| {
+            l.strip_suffix(" B _end")
+                .or_else(|| l.strip_suffix(" b _end"))
+                .map(str::to_owned)
+        })
+        .map(|a| u64::from_str_radix(&a, 16).unwrap())
+        .expect("vmlinux has _end");
+    assert!(
+        shifted.iter().all(|&a| a >= image_end),
+        "offset {offset:#x} too small for this test"
+    );
     let (unshifted, _) = perf_kvm_symbolize(&["--guest-vmlinux", v], &shifted[..20]);
     assert!(
         parse_records(&unshifted)

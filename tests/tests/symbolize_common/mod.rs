@@ -400,6 +400,12 @@ fn abi_number(name: &str) -> Option<u32> {
 
 /// The newest cached vmlinux, else the newest package apt knows, downloaded and extracted into the cache.
 pub fn debian_vmlinux() -> PathBuf {
+    // Tests of one binary run in parallel threads: download once per process.
+    static VMLINUX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VMLINUX.get_or_init(find_or_download_debian_vmlinux).clone()
+}
+
+fn find_or_download_debian_vmlinux() -> PathBuf {
     let dir = cache_dir();
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create cache {}: {e}", dir.display()));
