@@ -47,12 +47,20 @@ fn symbolize_test_guest_matches_peers_on_every_workload_byte() {
     // The one difference left: for Rust inline frames llvm-symbolizer demangles by default, while binutils
     // `addr2line` (without -C) and we print the DWARF linkage name. Anything else is a real disagreement.
     for line in &comparison.unexplained {
-        let (ours, llvm) = line.split_once(" vs llvm ").unwrap_or_else(|| panic!("{line}"));
+        let (ours, llvm) = line
+            .split_once(" vs llvm ")
+            .unwrap_or_else(|| panic!("{line}"));
         let ours = ours.rsplit(": ").next().unwrap();
         // Legacy (`_ZN…17h<hash>E`) and v0 (`_R…`) Rust mangling.
-        assert!(ours.starts_with("_ZN") || ours.starts_with("_R"), "not a demangling difference: {line}");
+        assert!(
+            ours.starts_with("_ZN") || ours.starts_with("_R"),
+            "not a demangling difference: {line}"
+        );
         let is_hash = |s: &str| s.len() == 17 && s.starts_with('h');
         let last_segment = llvm.rsplit("::").find(|s| !is_hash(s)).unwrap();
-        assert!(ours.contains(last_segment), "names a different function: {line}");
+        assert!(
+            ours.contains(last_segment),
+            "names a different function: {line}"
+        );
     }
 }

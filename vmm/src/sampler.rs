@@ -79,30 +79,31 @@ pub fn thread_cpu_time_ns() -> u64 {
 }
 
 /// Turns kicks into samples by CPU time: each kick credits the CPU time the vCPU thread used since the previous one,
-/// and a sample is due for every full period of credit. A halted or descheduled vCPU earns nothing, so it is not
-/// sampled, exactly as perf's cpu-clock would not sample it. The credit is capped so a long stall does not turn into
-/// a burst of samples at one RIP.
+/// and one sample is owed per full period of credit. A halted or descheduled vCPU earns nothing, so it is not
+/// sampled, exactly as perf's cpu-clock would not sample it. A vCPU that could not be interrupted for several periods
+/// (inside KVM's instruction emulator, say) owes several samples at the RIP where it stopped, as perf's cpu-clock
+/// would weight one sample by its period; the burst is capped so a long stall does not swamp the profile.
 #[derive(Debug, Default)]
 pub struct CpuTimeCredit {
     last_ns: Option<u64>,
-    /// May go negative by up to a period: a sample taken on half a period's credit is paid back by the next kick.
+    /// May go negative by up to half a period: a sample taken on rounding is paid back by the next kick.
     credit_ns: i64,
 }
 
+/// Most samples one kick may owe.
+pub const MAX_SAMPLES_PER_KICK: i64 = 16;
+
 impl CpuTimeCredit {
-    /// Adds the CPU time used up to `now_ns`; returns whether a sample is due (and consumes its period).
-    pub fn due(&mut self, now_ns: u64, period_ns: u64) -> bool {
-        let period = period_ns as i64;
+    /// Adds the CPU time used up to `now_ns`; returns how many samples are due (and consumes their periods).
+    pub fn due(&mut self, now_ns: u64, period_ns: u64) -> u32 {
+        let period = period_ns.max(1) as i64;
         let used = self.last_ns.map_or(0, |last| now_ns.saturating_sub(last)) as i64;
         self.last_ns = Some(now_ns);
-        self.credit_ns = (self.credit_ns + used).min(2 * period);
+        self.credit_ns = (self.credit_ns + used).min(MAX_SAMPLES_PER_KICK * period);
         // Round to the nearest period: kicks arrive a little late or early, never exactly on the period.
-        if self.credit_ns >= period / 2 {
-            self.credit_ns -= period;
-            true
-        } else {
-            false
-        }
+        let owed = ((self.credit_ns + period / 2) / period).max(0);
+        self.credit_ns -= owed * period;
+        owed as u32
     }
 }
 
@@ -326,22 +327,24 @@ mod tests {
     fn cpu_time_credit_samples_busy_vcpus_only() {
         let mut c = CpuTimeCredit::default();
         let p = 1_000_000;
-        assert!(!c.due(0, p), "first kick only starts the clock");
-        assert!(c.due(p, p), "a full period of CPU time owes a sample");
-        assert!(!c.due(p + 10_000, p), "an idle vCPU owes nothing");
-        assert!(!c.due(p + 20_000, p));
+        assert_eq!(c.due(0, p), 0, "first kick only starts the clock");
+        assert_eq!(c.due(p, p), 1, "a full period of CPU time owes a sample");
+        assert_eq!(c.due(p + 10_000, p), 0, "an idle vCPU owes nothing");
+        assert_eq!(c.due(p + 20_000, p), 0);
         // Half-busy: one sample every other kick.
         let mut t = p + 20_000;
         let mut samples = 0;
         for _ in 0..100 {
             t += p / 2;
-            samples += c.due(t, p) as u32;
+            samples += c.due(t, p);
         }
         assert!((49..=51).contains(&samples), "{samples}");
-        // A long stall is capped at two periods of credit.
-        assert!(c.due(t + 50 * p, p));
-        assert!(c.due(t + 50 * p, p));
-        assert!(!c.due(t + 50 * p, p));
+        // Three periods without a chance to sample owe three; a long stall is capped.
+        t += 3 * p;
+        assert_eq!(c.due(t, p), 3);
+        t += 100 * p;
+        assert_eq!(c.due(t, p), MAX_SAMPLES_PER_KICK as u32);
+        assert_eq!(c.due(t, p), 0);
     }
 
     #[test]

@@ -298,7 +298,8 @@ impl Vcpu {
         let Some(sink) = self.sampling.current() else {
             return;
         };
-        if !self.cpu_credit.due(thread_cpu_time_ns(), sink.period_ns) {
+        let owed = self.cpu_credit.due(thread_cpu_time_ns(), sink.period_ns);
+        if owed == 0 {
             sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -337,7 +338,7 @@ impl Vcpu {
         } else {
             Vec::new()
         };
-        sink.push(Sample {
+        let sample = Sample {
             time_ns: sink.epoch.elapsed().as_nanos() as u64,
             vcpu: self.id as u32,
             rip,
@@ -348,7 +349,11 @@ impl Vcpu {
             },
             cr3: ctx.cr3 & 0x000f_ffff_ffff_f000,
             callchain,
-        });
+        };
+        for _ in 1..owed {
+            sink.push(sample.clone());
+        }
+        sink.push(sample);
     }
 
     fn on_internal_error(&mut self) -> Option<VmEnd> {

@@ -121,16 +121,25 @@ pub fn run_report(
     let mut recorded_image_warning = None;
     let mut sources = options.symbols.clone();
     if sources.guest_vmlinux.is_none() && sources.guest_kallsyms.is_none() {
-        // Like perf's build-id cache: the image the recorder named, if it is still the same file.
-        if let Some((path, id)) = &profile.guest_kernel_image {
-            match symbols::build_id(path) {
-                Ok(Some(found)) if found.starts_with(id) || id.starts_with(&found) => {
-                    sources.guest_vmlinux = Some(path.clone())
+        // Like perf's build-id cache: find the image whose build-id the recorder wrote, among the files the
+        // recording names (the test guest's one ELF carries both its kernel and its ring-3 code).
+        if let Some((named, id)) = &profile.guest_kernel_image {
+            let mut candidates: Vec<std::path::PathBuf> = vec![named.clone()];
+            for maps in profile.mappings.values() {
+                for m in maps {
+                    let p = std::path::PathBuf::from(&m.path);
+                    if !candidates.contains(&p) {
+                        candidates.push(p);
+                    }
                 }
-                _ => {
+            }
+            let matches = |p: &std::path::Path| matches!(symbols::build_id(p), Ok(Some(found)) if found.starts_with(id) || id.starts_with(&found));
+            match candidates.into_iter().find(|p| p.is_file() && matches(p)) {
+                Some(p) => sources.guest_vmlinux = Some(p),
+                None => {
                     recorded_image_warning = Some(format!(
-                        "the recorded guest kernel {} is missing or changed; give --guest-vmlinux",
-                        path.display()
+                        "no guest kernel image with the recorded build-id {} was found; give --guest-vmlinux",
+                        id.iter().map(|b| format!("{b:02x}")).collect::<String>()
                     ))
                 }
             }
