@@ -28,6 +28,9 @@ pub struct RecordArgs {
     /// Hardware event to sample (needs a host PMU); the default sampler needs none.
     #[arg(short = 'e', long = "event")]
     event: Option<String>,
+    /// Benchmarks only: kick the vCPUs at the rate but take no samples (the bare cost of the forced exits).
+    #[arg(long, hide = true)]
+    kick_only: bool,
     /// Attach to a running VM's control socket.
     #[arg(long = "vm")]
     vm: Option<PathBuf>,
@@ -70,6 +73,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                 frequency_hz: args.freq,
                 callchains: args.callchains,
                 queue_capacity: 1 << 16,
+                kick_only: args.kick_only,
             };
             let mut vm = StartedVm::start(&args.vmm_args, Some(sampler))?;
             let stream = vm.stream.take().expect("sampling was configured");

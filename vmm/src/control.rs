@@ -159,6 +159,7 @@ fn stream_samples(out: &mut UnixStream, vm: &VmControl, freq: u32, callchains: b
         frequency_hz: freq,
         callchains,
         queue_capacity: 1 << 16,
+        kick_only: false,
     };
     let stream = match vm.start_sampling(cfg) {
         Ok(s) => s,

@@ -75,16 +75,21 @@ pub struct HostCaps {
 
 impl HostCaps {
     /// Command-line words a Linux guest needs on this host because CPUID cannot hide what the host cannot run.
-    pub fn linux_cmdline_workarounds(&self) -> Vec<&'static str> {
+    pub fn linux_cmdline_workarounds(&self) -> Vec<String> {
         let mut v = Vec::new();
         if self.xsave == Emulation::Fails && self.xsave_cpuid_leaks {
-            v.push("noxsave");
+            v.push("noxsave".to_string());
         }
+        // Linux 5.19+ dropped `nosmap`; `clearcpuid=` takes feature names (one option, comma-separated).
+        let mut clear = Vec::new();
         if self.smap == Emulation::Fails && self.smap_cpuid_leaks {
-            v.push("nosmap");
+            clear.push("smap");
         }
         if self.cmpxchg16b == Emulation::Fails && self.cx16_cpuid_leaks {
-            v.push("clearcpuid=cx16");
+            clear.push("cx16");
+        }
+        if !clear.is_empty() {
+            v.push(format!("clearcpuid={}", clear.join(",")));
         }
         v
     }
@@ -220,7 +225,7 @@ impl fmt::Display for HostCaps {
             f,
             "CPUID hides SMAP       {}",
             if self.smap_cpuid_leaks {
-                "no: the host shows it anyway (Linux guests get `nosmap`)"
+                "no: the host shows it anyway (Linux guests get `clearcpuid=smap`)"
             } else {
                 "yes"
             }

@@ -24,6 +24,8 @@ pub struct SamplerConfig {
     pub callchains: bool,
     /// Samples buffered between the vCPUs and the consumer.
     pub queue_capacity: usize,
+    /// Kick the vCPUs but read nothing and record nothing: the bare cost of the forced exits, for benchmarks.
+    pub kick_only: bool,
 }
 
 /// Loss counters shared by the vCPU threads and the timer thread.
@@ -52,6 +54,7 @@ pub struct SampleSink {
     pub epoch: Instant,
     /// CPU time per sample (1 / frequency).
     pub period_ns: u64,
+    pub kick_only: bool,
 }
 
 impl SampleSink {
@@ -252,6 +255,7 @@ impl SamplingSession {
             callchains: cfg.callchains,
             epoch,
             period_ns: 1_000_000_000 / cfg.frequency_hz as u64,
+            kick_only: cfg.kick_only,
         });
         {
             let mut guard = slot.sink.lock().unwrap_or_else(|e| e.into_inner());

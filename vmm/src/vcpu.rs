@@ -298,6 +298,9 @@ impl Vcpu {
         let Some(sink) = self.sampling.current() else {
             return;
         };
+        if sink.kick_only {
+            return;
+        }
         let owed = self.cpu_credit.due(thread_cpu_time_ns(), sink.period_ns);
         if owed == 0 {
             sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);

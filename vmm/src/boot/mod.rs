@@ -85,7 +85,7 @@ pub struct BootConfig<'a> {
     pub cmdline: &'a str,
     pub num_cpus: usize,
     /// Words appended to the command line when the kernel is Linux (host workarounds such as `noxsave`).
-    pub linux_workarounds: &'a [&'a str],
+    pub linux_workarounds: &'a [String],
 }
 
 /// Loads the kernel (and initrd) and writes every boot structure the entry protocol needs.
