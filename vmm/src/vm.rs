@@ -95,6 +95,7 @@ struct ControlInner {
     mem: GuestMemoryMmap,
     info: VmInfo,
     end_tx: Sender<VcpuEvent>,
+    kvm_stats: crate::kvm_stats::KvmStatsSources,
 }
 
 impl VmControl {
@@ -193,6 +194,13 @@ impl VmControl {
         }
     }
 
+    /// KVM's own counters (binary stats fd) of the VM and every vCPU, read now.
+    pub fn kvm_stats(
+        &self,
+    ) -> Result<crate::kvm_stats::KvmStatsSnapshot, crate::kvm_stats::KvmStatsError> {
+        self.inner.kvm_stats.snapshot()
+    }
+
     /// Asks the VM to end (as if the guest had powered off): `run_to_end` returns `VmEnd::Stopped`.
     pub fn stop(&self) {
         let _ = self.inner.end_tx.send(VcpuEvent::End(VmEnd::Stopped));
@@ -226,6 +234,11 @@ impl Vm {
             return Err(VmError::MemSize(cfg.mem_mib));
         }
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Optional: hosts without stats fds still run, `kvm_stats()` then says why it has nothing.
+        let mut kvm_stats = crate::kvm_stats::KvmStatsSources {
+            vm: crate::kvm_stats::StatsFd::open(&vm_fd).ok(),
+            vcpus: Vec::new(),
+        };
         if cfg.no_pmu && caps.pmu {
             let cap = kvm_bindings::kvm_enable_cap {
                 cap: kvm_bindings::KVM_CAP_PMU_CAPABILITY,
@@ -308,6 +321,12 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(id as u64)
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            kvm_stats.vcpus.push(
+                kvm_stats
+                    .vm
+                    .as_ref()
+                    .and_then(|_| crate::kvm_stats::StatsFd::open(&fd).ok()),
+            );
             fd.set_cpuid2(&cpuid::for_vcpu(
                 &supported,
                 policy,
@@ -407,6 +426,7 @@ impl Vm {
                 mem,
                 info,
                 end_tx: event_tx,
+                kvm_stats,
             }),
         };
         let stream = sample_rx.map(|rx| SampleStream { rx, loss });
