@@ -23,7 +23,7 @@ pub fn view_label(view: VcpuView, vcpus: usize) -> String {
 /// `PerfTop:`-style summary: rate, guest kernel/user split, loss, sampler frequency and the vCPU view.
 pub fn header_line(h: &TopHeader, freq_hz: u32, view: VcpuView, vcpus: usize) -> String {
     format!(
-        "   PerfKvmTop: {:>7.0} samples/s  guest kernel: {:>5.1}%  guest user: {:>5.1}%  lost: {}/{}  [{} Hz vm-sampler]  ({})",
+        "PerfKvmTop: {:.0} samples/s  guest kernel: {:.1}%  guest user: {:.1}%  lost: {}/{}  [{} Hz]  ({})",
         h.samples_per_sec,
         h.kernel_pct,
         h.user_pct,

@@ -201,12 +201,19 @@ fn symbol_table<'a>(rows: &[TopRow], title: String) -> Table<'a> {
             ])
         })
         .collect();
+    // The object column fits the longest name, within reason.
+    let object_width = rows
+        .iter()
+        .map(|r| r.info.object.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(13, 32) as u16;
     Table::new(
         body,
         [
             Constraint::Length(8),
             Constraint::Length(8),
-            Constraint::Length(16),
+            Constraint::Length(object_width),
             Constraint::Min(10),
         ],
     )
