@@ -127,20 +127,43 @@ fn capture(target: &TargetOptions) -> anyhow::Result<StatRecording> {
     let mut source = open_source(target)?;
     let started = Instant::now();
     let deadline = deadline(target);
-    while !source.has_ended()
-        && !vm_source::interrupted()
-        && deadline.is_none_or(|d| Instant::now() < d)
-    {
-        std::thread::sleep(Duration::from_millis(50));
+    // A watched VM can vanish with its socket: poll, and keep the last statistics that could be read.
+    let mut last = None;
+    let mut vanished = false;
+    loop {
+        match source.exit_stats(false) {
+            Ok(stats) => last = Some(stats),
+            Err(e) if source.has_ended() && last.is_some() => {
+                eprintln!(
+                    "perf-kvm stat: the VM went away ({}); showing the exits read before",
+                    error_chain(&e)
+                );
+                vanished = true;
+                break;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("reading exit statistics")),
+        }
+        if source.has_ended()
+            || vm_source::interrupted()
+            || deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(STAT_POLL_MS));
     }
-    let exit_stats = source
-        .exit_stats(false)
-        .context("reading exit statistics")?;
+    if !vanished {
+        // The final read, after the VM's last exit.
+        last = Some(
+            source
+                .exit_stats(false)
+                .context("reading exit statistics")?,
+        );
+    }
     let mut rec = StatRecording::new(
         source.describe(),
         source.vcpu_count(),
         started.elapsed().as_nanos() as u64,
-        exit_stats,
+        last.unwrap_or_default(),
     );
     match source.kvm_stats() {
         Ok(k) => rec.kvm_stats = Some(k),
@@ -149,6 +172,9 @@ fn capture(target: &TargetOptions) -> anyhow::Result<StatRecording> {
     finish(source);
     Ok(rec)
 }
+
+/// How often a running VM's statistics are read while `stat` waits for its end.
+const STAT_POLL_MS: u64 = 250;
 
 fn print_recording(rec: &StatRecording, view: &ViewOptions) -> anyhow::Result<()> {
     let vcpus = vcpu_filter(view, rec.vcpus)?;
@@ -183,7 +209,14 @@ fn live(target: &TargetOptions, view: &ViewOptions, display_secs: f64) -> anyhow
             || vm_source::interrupted()
             || deadline.is_some_and(|d| Instant::now() >= d);
         if Instant::now() >= next || stop {
-            let stats = source.exit_stats(true).context("reading exit statistics")?;
+            let stats = match source.exit_stats(true) {
+                Ok(stats) => stats,
+                Err(e) if source.has_ended() => {
+                    eprintln!("perf-kvm stat: the VM went away ({})", error_chain(&e));
+                    break;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("reading exit statistics")),
+            };
             let mut out = format!("\n{}", humantime_now());
             out.push_str(&table::format_exit_table(
                 &stats,

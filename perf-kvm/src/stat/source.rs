@@ -121,7 +121,7 @@ impl VmSource for ControlSocketSource {
 
     fn kvm_stats(&mut self) -> Result<KvmStatsSnapshot, SourceError> {
         Err(SourceError::Unsupported(
-            "KVM's counters over the control socket",
+            "reading KVM's counters over the control socket",
         ))
     }
 
