@@ -93,6 +93,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<i32> {
         queue_capacity: 1 << 16,
     };
     let mut source = AnySource::open(args.vm.as_deref(), &args.vmm_args, Some(sampler), serial)?;
+    let mut pump = Pump::new();
     let outcome = TopModel::new(
         args.guest_vmlinux
             .clone()
@@ -102,9 +103,15 @@ pub fn run(args: TopArgs) -> anyhow::Result<i32> {
     )
     .map_err(anyhow::Error::from)
     .and_then(|mut model| match guard {
-        Some(guard) => run_tui(guard, &args, &mut source, &mut model, &console),
-        None => run_stdio(&args, &mut source, &mut model),
+        Some(guard) => run_tui(guard, &args, &mut source, &mut model, &mut pump, &console),
+        None => run_stdio(&args, &mut source, &mut model, &mut pump),
     });
+    // After the screen is restored: what was taken and what was lost, by cause.
+    let loss = source.sample_loss();
+    eprintln!(
+        "[ perf-kvm top: {} samples; lost: {} queue full, {} vCPU not running, {} ticks skipped ]",
+        pump.samples, loss.queue_full, loss.vcpu_not_running, loss.ticks_skipped
+    );
     if let Some(end) = source.finish() {
         vm_source::report_end(&end);
     }
@@ -116,6 +123,8 @@ struct Pump {
     buf: Vec<Sample>,
     last_tick: Instant,
     stream_open: bool,
+    /// Samples taken since the start (the model's count restarts at `z`).
+    samples: u64,
 }
 
 impl Pump {
@@ -124,6 +133,7 @@ impl Pump {
             buf: Vec::with_capacity(BATCH),
             last_tick: Instant::now(),
             stream_open: true,
+            samples: 0,
         }
     }
 
@@ -137,6 +147,7 @@ impl Pump {
             for s in &self.buf {
                 model.add(s);
             }
+            self.samples += self.buf.len() as u64;
             if self.buf.len() < BATCH || started.elapsed() >= DRAIN_BUDGET {
                 break;
             }
@@ -164,10 +175,10 @@ fn run_tui(
     args: &TopArgs,
     source: &mut AnySource,
     model: &mut TopModel,
+    pump: &mut Pump,
     console: &LastLine,
 ) -> anyhow::Result<()> {
     let mut ui_state = UiState::new(args.freq);
-    let mut pump = Pump::new();
     let deadline = deadline(args);
     let mut next_frame = Instant::now();
     let mut end_noted = false;
@@ -210,8 +221,12 @@ fn run_tui(
     Ok(())
 }
 
-fn run_stdio(args: &TopArgs, source: &mut AnySource, model: &mut TopModel) -> anyhow::Result<()> {
-    let mut pump = Pump::new();
+fn run_stdio(
+    args: &TopArgs,
+    source: &mut AnySource,
+    model: &mut TopModel,
+    pump: &mut Pump,
+) -> anyhow::Result<()> {
     let deadline = deadline(args);
     let period = Duration::from_secs_f64(args.delay);
     let mut next_print = Instant::now() + period;

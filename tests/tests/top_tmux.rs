@@ -133,7 +133,7 @@ fn hot_symbol_on_top_keys_work_and_terminal_is_restored() {
     let tmux = Tmux::new("top", 120, 36);
     tmux.type_line(&top_command(
         &elf,
-        "-g",
+        "-g -F 10000",
         "work=user_hot_a:70,user_cold:30 secs=20",
     ));
     tmux.wait_for("user_leaf or user_hot_a on the top row", |s| {
@@ -185,6 +185,10 @@ fn hot_symbol_on_top_keys_work_and_terminal_is_restored() {
     let after = tmux.wait_for("top's exit status", |s| exit_status(s).is_some());
     assert_eq!(exit_status(&after), Some(0), "{after}");
     assert_eq!(tmux.format("#{alternate_on}"), "0", "alternate screen left");
+    assert!(
+        after.contains("lost: 0 queue full"),
+        "the screen drops frames, not samples:\n{after}"
+    );
     assert_eq!(tmux.format("#{cursor_flag}"), "1", "cursor shown again");
     // Raw mode is off again: the line discipline echoes and edits lines.
     let scratch = Scratch::new("top-stty");
@@ -257,11 +261,13 @@ fn without_a_terminal_top_refuses_and_stdio_prints_tables() {
         "{err}"
     );
 
-    let out = run(&["--stdio", "-d", "0.5"]);
+    // At 10 kHz the consumer keeps up: whatever the sampler delivers, none is dropped for a full queue.
+    let out = run(&["--stdio", "-d", "0.5", "-F", "10000"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("the VM has ended"), "{stderr}");
+    assert!(stderr.contains("lost: 0 queue full"), "{stderr}");
     assert!(
         stdout.contains("PerfKvmTop:") && stdout.contains("Overhead"),
         "{stdout}"
