@@ -65,6 +65,8 @@ fn port_exits_and_halts_match_the_guest() {
         "run",
         "--kernel",
         elf.to_str().unwrap(),
+        "--cpus",
+        "2",
         "--cmdline",
         "work=user_hot_a:50,kernel_spin:50 secs=1",
     ]);
@@ -122,25 +124,40 @@ fn port_exits_and_halts_match_the_guest() {
     let kvm_exits = row_samples(&reasons, "exits").expect("KVM exits counter");
     assert!(kvm_exits >= total_samples(&reasons), "{reasons}");
 
-    let vcpu0 = run_ok(&[
-        "stat",
-        "report",
-        "-i",
-        rec.to_str().unwrap(),
-        "--vcpu",
-        "0",
-        "--key",
-        "time",
-    ]);
-    assert!(
-        vcpu0.contains("Analyze events for") && vcpu0.contains("VCPU 0:"),
-        "{vcpu0}"
+    // Per vCPU: the tables split the exits and KVM's counters between the two vCPUs.
+    let per_vcpu: Vec<String> = ["0", "1"]
+        .iter()
+        .map(|v| {
+            run_ok(&[
+                "stat",
+                "report",
+                "-i",
+                rec.to_str().unwrap(),
+                "--vcpu",
+                v,
+                "--key",
+                "time",
+            ])
+        })
+        .collect();
+    for (v, table) in per_vcpu.iter().enumerate() {
+        assert!(table.contains(&format!("VCPU {v}:")), "{table}");
+    }
+    assert_eq!(
+        per_vcpu.iter().map(|t| total_samples(t)).sum::<u64>(),
+        total_samples(&reasons),
+        "{per_vcpu:?}"
     );
     assert_eq!(
-        total_samples(&vcpu0),
-        total_samples(&reasons),
-        "one vCPU: the same exits"
+        per_vcpu
+            .iter()
+            .map(|t| row_samples(t, "exits").unwrap())
+            .sum::<u64>(),
+        kvm_exits,
+        "{per_vcpu:?}"
     );
+    let err = run_err(&["stat", "report", "-i", rec.to_str().unwrap(), "--vcpu", "2"]);
+    assert!(err.contains("--vcpu 2: the VM has 2 vCPU(s)"), "{err}");
 }
 
 #[test]
