@@ -108,10 +108,12 @@ pub fn run(args: TopArgs) -> anyhow::Result<i32> {
     });
     // After the screen is restored: what was taken and what was lost, by cause.
     let loss = source.sample_loss();
-    eprintln!(
+    if outcome.is_ok() {
+        eprintln!(
         "[ perf-kvm top: {} samples; lost: {} queue full, {} vCPU not running, {} ticks skipped ]",
         pump.samples, loss.queue_full, loss.vcpu_not_running, loss.ticks_skipped
     );
+    }
     if let Some(end) = source.finish() {
         vm_source::report_end(&end);
     }

@@ -297,3 +297,131 @@ fn draw_exits(frame: &mut Frame, area: Rect, model: &TopModel) {
         .block(Block::new().borders(Borders::ALL).title(Line::from(title)));
     frame.render_widget(spark, area);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ratatui::backend::TestBackend;
+    use ratatui::crossterm::event::KeyEvent;
+    use ratatui::Terminal;
+    use vmm::{GuestMode, Sample};
+
+    fn key(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    fn model() -> TopModel {
+        let mut m = TopModel::new(None, 2).unwrap();
+        for (vcpu, rip, n) in [(0u32, 0x1000u64, 3), (1, 0x2000, 1)] {
+            for _ in 0..n {
+                let s = Sample {
+                    time_ns: 0,
+                    vcpu,
+                    rip,
+                    mode: GuestMode::User,
+                    cr3: 0,
+                    callchain: vec![0x3001],
+                };
+                m.add(&s);
+            }
+        }
+        m
+    }
+
+    fn screen(model: &TopModel, ui: &mut UiState, w: u16, h: u16) -> String {
+        let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+        t.draw(|f| draw(f, model, ui)).unwrap();
+        let buf = t.backend().buffer().clone();
+        (0..h)
+            .map(|y| {
+                (0..w)
+                    .map(|x| buf[(x, y)].symbol().to_string())
+                    .collect::<String>()
+                    + "\n"
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keys_cycle_vcpus_filter_open_callers_pause_and_quit() {
+        let mut m = model();
+        let mut ui = UiState::new(1000);
+        ui.handle_key(key(KeyCode::Char('v')), &mut m);
+        assert_eq!(ui.view, VcpuView::One(0));
+        ui.handle_key(key(KeyCode::Char('v')), &mut m);
+        ui.handle_key(key(KeyCode::Char('v')), &mut m);
+        assert_eq!(ui.view, VcpuView::All);
+        ui.handle_key(key(KeyCode::Char('/')), &mut m);
+        for c in "2000q".chars() {
+            // While the prompt is open, `q` is text, not quit.
+            assert_eq!(
+                ui.handle_key(key(KeyCode::Char(c)), &mut m),
+                KeyOutcome::Continue
+            );
+        }
+        ui.handle_key(key(KeyCode::Backspace), &mut m);
+        ui.handle_key(key(KeyCode::Enter), &mut m);
+        assert_eq!(ui.filter, "2000");
+        let rows = ui.rows(&m);
+        assert_eq!(rows.len(), 1);
+        ui.handle_key(key(KeyCode::Enter), &mut m);
+        assert_eq!(ui.callers_of, Some(rows[0].symbol));
+        ui.handle_key(key(KeyCode::Esc), &mut m);
+        assert_eq!(ui.callers_of, None);
+        ui.handle_key(key(KeyCode::Char('s')), &mut m);
+        assert_eq!(ui.sort, TopSort::Samples);
+        ui.handle_key(key(KeyCode::Char('p')), &mut m);
+        let frozen = ui.rows(&m);
+        m.add(&Sample {
+            time_ns: 0,
+            vcpu: 0,
+            rip: 0x2000,
+            mode: GuestMode::User,
+            cr3: 0,
+            callchain: vec![],
+        });
+        assert_eq!(ui.rows(&m), frozen, "paused rows stay");
+        ui.handle_key(key(KeyCode::Char('p')), &mut m);
+        assert_ne!(ui.rows(&m), frozen);
+        ui.handle_key(key(KeyCode::Char('z')), &mut m);
+        assert!(ui.rows(&m).is_empty());
+        assert_eq!(
+            ui.handle_key(
+                KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL),
+                &mut m
+            ),
+            KeyOutcome::Quit
+        );
+        assert_eq!(
+            ui.handle_key(key(KeyCode::Char('q')), &mut m),
+            KeyOutcome::Quit
+        );
+    }
+
+    #[test]
+    fn draws_the_layout_or_a_notice_on_tiny_terminals() {
+        let m = model();
+        let mut ui = UiState::new(1000);
+        let text = screen(&m, &mut ui, 100, 20);
+        assert!(
+            text.contains("PerfKvmTop:") && text.contains("guest user: 100.0%"),
+            "{text}"
+        );
+        assert!(
+            text.contains("0x0000000000001000") && text.contains("VM exits:"),
+            "{text}"
+        );
+        assert!(text.contains("q quit  p pause  v vCPU"), "{text}");
+        for (w, h) in [(20, 5), (1, 1), (39, 30), (100, 11)] {
+            let text = screen(&m, &mut ui, w, h);
+            assert!(
+                text.replace('\n', "").contains("too") || w * h < 10,
+                "{w}x{h}: {text}"
+            );
+        }
+        ui.callers_of = Some(ui.rows(&m)[0].symbol);
+        let text = screen(&m, &mut ui, 100, 20);
+        assert!(text.contains("Callers of 0x0000000000001000"), "{text}");
+        assert!(text.contains("0x0000000000003000"), "{text}");
+    }
+}
