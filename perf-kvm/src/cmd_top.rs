@@ -94,18 +94,25 @@ pub fn run(args: TopArgs) -> anyhow::Result<i32> {
     };
     let mut source = AnySource::open(args.vm.as_deref(), &args.vmm_args, Some(sampler), serial)?;
     let mut pump = Pump::new();
-    let outcome = TopModel::new(
-        args.guest_vmlinux
-            .clone()
-            .or_else(|| source.guest_kernel())
-            .as_deref(),
-        source.vcpu_count(),
-    )
-    .map_err(anyhow::Error::from)
-    .and_then(|mut model| match guard {
-        Some(guard) => run_tui(guard, &args, &mut source, &mut model, &mut pump, &console),
-        None => run_stdio(&args, &mut source, &mut model, &mut pump),
-    });
+    let mut symbol_warning = None;
+    let outcome =
+        symbol_model(&args, &source, &mut symbol_warning).and_then(|mut model| match guard {
+            Some(guard) => run_tui(
+                guard,
+                &args,
+                &mut source,
+                &mut model,
+                &mut pump,
+                &console,
+                symbol_warning,
+            ),
+            None => {
+                if let Some(w) = symbol_warning {
+                    eprintln!("perf-kvm top: {w}");
+                }
+                run_stdio(&args, &mut source, &mut model, &mut pump)
+            }
+        });
     // After the screen is restored: what was taken and what was lost, by cause.
     let loss = source.sample_loss();
     if outcome.is_ok() {
@@ -172,6 +179,27 @@ fn deadline(args: &TopArgs) -> Option<Instant> {
         .map(|d| Instant::now() + Duration::from_secs_f64(d.clamp(0.0, 1e9)))
 }
 
+/// The model with symbols from --guest-vmlinux (which must load) or else the VM's kernel image, when that is an
+/// ELF: a bzImage has no symbols, so top then shows addresses and says why.
+fn symbol_model(
+    args: &TopArgs,
+    source: &AnySource,
+    warning: &mut Option<String>,
+) -> anyhow::Result<TopModel> {
+    let vcpus = source.vcpu_count();
+    match (&args.guest_vmlinux, source.guest_kernel()) {
+        (Some(path), _) => Ok(TopModel::new(Some(path), vcpus)?),
+        (None, Some(kernel)) => Ok(TopModel::new(Some(&kernel), vcpus).or_else(|e| {
+            *warning = Some(format!(
+                "{:#}; showing addresses (give --guest-vmlinux PATH for symbols)",
+                anyhow::Error::from(e)
+            ));
+            TopModel::new(None, vcpus)
+        })?),
+        (None, None) => Ok(TopModel::new(None, vcpus)?),
+    }
+}
+
 fn run_tui(
     mut guard: TerminalGuard,
     args: &TopArgs,
@@ -179,8 +207,10 @@ fn run_tui(
     model: &mut TopModel,
     pump: &mut Pump,
     console: &LastLine,
+    symbol_warning: Option<String>,
 ) -> anyhow::Result<()> {
     let mut ui_state = UiState::new(args.freq);
+    ui_state.notice = symbol_warning;
     let deadline = deadline(args);
     let mut next_frame = Instant::now();
     let mut end_noted = false;
@@ -209,6 +239,10 @@ fn run_tui(
         if event::poll(Duration::from_millis(20)).context("reading the terminal")? {
             match event::read().context("reading the terminal")? {
                 Event::Key(key) => {
+                    // A start-up warning gives way to the key hints; the VM's end stays on screen.
+                    if !end_noted {
+                        ui_state.notice = None;
+                    }
                     if ui_state.handle_key(key, model) == KeyOutcome::Quit {
                         break;
                     }
