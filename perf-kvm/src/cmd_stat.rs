@@ -8,6 +8,7 @@ use perf_kvm::stat::file::StatRecording;
 use perf_kvm::stat::in_process::AnySource;
 use perf_kvm::stat::source::VmSource;
 use perf_kvm::stat::table::{self, SortKey, StatEvent, VcpuFilter};
+use perf_kvm::stat::tracepoints::{self, TracepointCounters};
 
 use crate::vm_source;
 
@@ -124,6 +125,11 @@ fn report(input: &Path, view: &ViewOptions) -> anyhow::Result<i32> {
 /// Runs (or watches) the VM to its end, the duration or Ctrl-C, and takes its statistics.
 fn capture(target: &TargetOptions) -> anyhow::Result<StatRecording> {
     vm_source::install_interrupt_handlers();
+    // Opened before the VM's threads start, so that they inherit the counters.
+    let mut tracepoints = match target.vm {
+        None => TracepointCounters::open().map_err(|e| error_chain(&e)),
+        Some(_) => Err("counted only for a VM that perf-kvm starts".to_string()),
+    };
     let mut source = open_source(target)?;
     let started = Instant::now();
     let deadline = deadline(target);
@@ -170,6 +176,15 @@ fn capture(target: &TargetOptions) -> anyhow::Result<StatRecording> {
         Err(e) => rec.kvm_stats_missing = Some(error_chain(&e)),
     }
     finish(source);
+    // After the vCPU threads are joined: the kernel folds a thread's counts into the parent's when it exits.
+    match tracepoints
+        .as_mut()
+        .map_err(|e| e.clone())
+        .and_then(|t| t.read().map_err(|e| error_chain(&e)))
+    {
+        Ok(counts) => rec.tracepoints = Some(counts),
+        Err(why) => rec.tracepoints_missing = Some(why),
+    }
     Ok(rec)
 }
 
@@ -183,6 +198,19 @@ fn print_recording(rec: &StatRecording, view: &ViewOptions) -> anyhow::Result<()
     match (&rec.kvm_stats, &rec.kvm_stats_missing) {
         (Some(kvm), _) => out.push_str(&table::format_kvm_counters(kvm, &rec.exit_stats, vcpus)),
         (None, Some(why)) => out.push_str(&format!("KVM counters: not available ({why})\n\n")),
+        (None, None) => {}
+    }
+    match (&rec.tracepoints, &rec.tracepoints_missing) {
+        (Some(counts), _) => {
+            let vmm_exits = rec
+                .exit_stats
+                .iter()
+                .flat_map(|t| t.by_key.iter())
+                .map(|(_, a)| a.count)
+                .sum();
+            out.push_str(&tracepoints::format_counts(counts, vmm_exits));
+        }
+        (None, Some(why)) => out.push_str(&format!("KVM tracepoints: not counted ({why})\n\n")),
         (None, None) => {}
     }
     print_or_quiet(&out);

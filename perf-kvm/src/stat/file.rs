@@ -49,6 +49,12 @@ pub struct StatRecording {
     pub kvm_stats: Option<KvmStatsSnapshot>,
     /// Why `kvm_stats` is missing.
     pub kvm_stats_missing: Option<String>,
+    /// KVM tracepoint counts (`kvm:kvm_exit`, ...) over the run, where the host has them.
+    #[serde(default)]
+    pub tracepoints: Option<Vec<(String, u64)>>,
+    /// Why `tracepoints` is missing.
+    #[serde(default)]
+    pub tracepoints_missing: Option<String>,
 }
 
 impl StatRecording {
@@ -67,6 +73,8 @@ impl StatRecording {
             exit_stats,
             kvm_stats: None,
             kvm_stats_missing: None,
+            tracepoints: None,
+            tracepoints_missing: None,
         }
     }
 

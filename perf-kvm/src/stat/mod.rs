@@ -4,3 +4,4 @@ pub mod file;
 pub mod in_process;
 pub mod source;
 pub mod table;
+pub mod tracepoints;
