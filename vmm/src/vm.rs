@@ -187,6 +187,11 @@ impl VmControl {
             .collect()
     }
 
+    /// Exit statistics of every vCPU, zeroed as they are read (`stat live` intervals).
+    pub fn take_exit_stats(&self) -> Vec<crate::exit_stats::VcpuExitStats> {
+        self.inner.vcpus.iter().map(|v| v.exits.take()).collect()
+    }
+
     /// Zeroes every vCPU's exit statistics.
     pub fn reset_exit_stats(&self) {
         for v in &self.inner.vcpus {

@@ -103,11 +103,11 @@ impl VmSource for InProcessSource {
     }
 
     fn exit_stats(&mut self, reset: bool) -> Result<Vec<VcpuExitStats>, SourceError> {
-        let stats = self.control.exit_stats();
-        if reset {
-            self.control.reset_exit_stats();
-        }
-        Ok(stats)
+        Ok(if reset {
+            self.control.take_exit_stats()
+        } else {
+            self.control.exit_stats()
+        })
     }
 
     fn kvm_stats(&mut self) -> Result<KvmStatsSnapshot, SourceError> {
