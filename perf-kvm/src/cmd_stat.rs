@@ -100,6 +100,8 @@ fn run_whole(target: &TargetOptions, view: &ViewOptions) -> anyhow::Result<i32> 
 }
 
 fn record(target: &TargetOptions, output: &Path) -> anyhow::Result<i32> {
+    // Find out that the file cannot be written before the VM runs, not after.
+    std::fs::File::create(output).with_context(|| format!("cannot write {}", output.display()))?;
     let rec = capture(target)?;
     rec.write(output)?;
     let exits: u64 = rec

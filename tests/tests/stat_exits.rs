@@ -225,6 +225,21 @@ fn bad_input_gives_clear_errors() {
         scratch.0.join("missing.json").to_str().unwrap(),
     ]);
     assert!(err.contains("cannot read"), "{err}");
+    let unwritable = scratch.0.join("no-such-dir/stat.json");
+    let err = run_err(&[
+        "stat",
+        "record",
+        "-o",
+        unwritable.to_str().unwrap(),
+        "--",
+        "run",
+        "--kernel",
+        "/x",
+    ]);
+    assert!(
+        err.contains("cannot write") && err.contains("no-such-dir"),
+        "{err}"
+    );
     let err = run_err(&["stat"]);
     assert!(
         err.contains("--vm SOCKET") && err.contains("-- run"),
