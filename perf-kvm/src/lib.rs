@@ -3,3 +3,5 @@
 
 pub mod perf_data;
 pub mod report;
+pub mod stat;
+pub mod top;

@@ -225,10 +225,12 @@ pub fn handle_line(line: &str, vm: &VmControl) -> Value {
             return error_reply("sample streams only on their own connection")
         }
         Request::ExitStats { reset } => {
-            let stats = vm.exit_stats();
-            if reset {
-                vm.reset_exit_stats();
-            }
+            // Taking reads and zeroes under one lock, so no exit falls between the two.
+            let stats = if reset {
+                vm.take_exit_stats()
+            } else {
+                vm.exit_stats()
+            };
             Ok(json!({ "exit_stats": stats }))
         }
     };

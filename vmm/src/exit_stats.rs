@@ -147,6 +147,14 @@ impl ExitTable {
         VcpuExitStats { by_key }
     }
 
+    /// Snapshot and zero under one lock, so that no exit falls between the read and the reset.
+    pub fn take(&self) -> VcpuExitStats {
+        let map = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut by_key: Vec<_> = map.into_iter().collect();
+        by_key.sort_by_key(|(k, _)| *k);
+        VcpuExitStats { by_key }
+    }
+
     pub fn reset(&self) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
@@ -157,6 +165,14 @@ pub type SharedExitTable = Arc<ExitTable>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_returns_the_table_and_zeroes_it() {
+        let t = ExitTable::default();
+        t.record(ExitKey::IoOut(0xf4), 7);
+        assert_eq!(t.take().by_key.len(), 1);
+        assert!(t.snapshot().by_key.is_empty());
+    }
 
     #[test]
     fn aggregates_min_max_mean_stddev() {

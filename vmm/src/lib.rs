@@ -8,6 +8,7 @@ pub mod devices;
 pub mod exit;
 pub mod exit_stats;
 pub mod kick;
+pub mod kvm_stats;
 pub mod paging;
 pub mod probe;
 pub mod regs;

@@ -103,6 +103,7 @@ struct ControlInner {
     session: Mutex<Option<SamplingSession>>,
     /// Zero of sample timestamps.
     epoch: Instant,
+    kvm_stats: crate::kvm_stats::KvmStatsSources,
 }
 
 impl VmControl {
@@ -225,11 +226,16 @@ impl VmControl {
             .collect()
     }
 
-    /// Zeroes every vCPU's exit statistics.
-    pub fn reset_exit_stats(&self) {
-        for v in &self.inner.vcpus {
-            v.exits.reset();
-        }
+    /// Exit statistics of every vCPU, zeroed as they are read (`stat live` intervals).
+    pub fn take_exit_stats(&self) -> Vec<crate::exit_stats::VcpuExitStats> {
+        self.inner.vcpus.iter().map(|v| v.exits.take()).collect()
+    }
+
+    /// KVM's own counters (binary stats fd) of the VM and every vCPU, read now.
+    pub fn kvm_stats(
+        &self,
+    ) -> Result<crate::kvm_stats::KvmStatsSnapshot, crate::kvm_stats::KvmStatsError> {
+        self.inner.kvm_stats.snapshot()
     }
 
     /// Asks the VM to end (as if the guest had powered off): `run_to_end` returns `VmEnd::Stopped`.
@@ -263,6 +269,11 @@ impl Vm {
             return Err(VmError::MemSize(cfg.mem_mib));
         }
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        // Optional: hosts without stats fds still run, `kvm_stats()` then says why it has nothing.
+        let mut kvm_stats = crate::kvm_stats::KvmStatsSources {
+            vm: crate::kvm_stats::StatsFd::open(&vm_fd).ok(),
+            vcpus: Vec::new(),
+        };
         if cfg.no_pmu && caps.pmu {
             let cap = kvm_bindings::kvm_enable_cap {
                 cap: kvm_bindings::KVM_CAP_PMU_CAPABILITY,
@@ -338,6 +349,12 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(id as u64)
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            kvm_stats.vcpus.push(
+                kvm_stats
+                    .vm
+                    .as_ref()
+                    .and_then(|_| crate::kvm_stats::StatsFd::open(&fd).ok()),
+            );
             fd.set_cpuid2(&cpuid::for_vcpu(
                 &supported,
                 policy,
@@ -415,6 +432,7 @@ impl Vm {
                 sampling,
                 session: Mutex::new(None),
                 epoch,
+                kvm_stats,
             }),
         };
         let stream = match cfg.sampler {
