@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
+use gdbstub_kvm::StopReason;
+use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
+use crate::debug::{DebugResume, DebugShared, MmioData, MmioOutcome, VcpuDebugState};
 use crate::devices::{PioDevices, PioOutcome};
 use crate::exit::{self, InternalErrorAction, VmEnd};
 use crate::kick::{self, Kicker};
@@ -52,6 +54,8 @@ pub enum VcpuRequest {
     },
     SetRegisters(Box<GuestRegisters>, Reply<()>),
     SetGuestDebug(Box<kvm_guest_debug>, Reply<()>),
+    /// gdb resumes this vCPU (continue or step), with the breakpoint configuration to run with.
+    DebugResume(DebugResume),
     /// The VM is ending: leave the thread.
     Exit,
 }
@@ -109,10 +113,13 @@ pub struct Vcpu {
     pub sampling: Option<Arc<SampleSink>>,
     pub use_sync_regs: bool,
     pub symbolize: Option<crate::vm::SymbolizeFn>,
+    /// Debugger state shared with the gdb thread (breakpoint tables, watched pages, stop queue).
+    pub debug: Arc<DebugShared>,
+    pub debug_state: VcpuDebugState,
 }
 
 impl Vcpu {
-    fn set_state(&self, s: VcpuState) {
+    pub(crate) fn set_state(&self, s: VcpuState) {
         self.state.store(s as u8, Ordering::Release);
     }
 
@@ -179,6 +186,7 @@ impl Vcpu {
                         .map_err(self.ioctl_err("KVM_SET_GUEST_DEBUG")),
                 );
             }
+            VcpuRequest::DebugResume(resume) => self.debug_resume(resume),
             VcpuRequest::Exit => self.set_state(VcpuState::Exited),
         }
     }
@@ -231,6 +239,7 @@ impl Vcpu {
     }
 
     fn run_once(&mut self) {
+        let mut debug_exit = DebugExit::None;
         let end = match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => match self.devices.write(port, data) {
                 PioOutcome::ExitRequested(status) => Some(VmEnd::GuestExit(status)),
@@ -241,12 +250,24 @@ impl Vcpu {
                 self.devices.read(port, data);
                 None
             }
-            Ok(VcpuExit::MmioRead(_addr, data)) => {
-                // No MMIO devices: reads of unbacked guest-physical space return all-ones, like an empty bus.
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                match self.debug.mmio_access(&self.mem, addr, MmioData::Read(data)) {
+                    // No MMIO devices: reads of unbacked guest-physical space return all-ones, like an empty bus.
+                    MmioOutcome::NotWatched => data.fill(0xff),
+                    MmioOutcome::Served => {}
+                    MmioOutcome::Hit(reason) => debug_exit = DebugExit::Watchpoint(reason),
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) => None,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let MmioOutcome::Hit(reason) =
+                    self.debug
+                        .mmio_access(&self.mem, addr, MmioData::Write(data))
+                {
+                    debug_exit = DebugExit::Watchpoint(reason);
+                }
+                None
+            }
             Ok(VcpuExit::Hlt) => Some(VmEnd::GuestReset),
             Ok(VcpuExit::Shutdown) => Some(self.crash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
             Ok(VcpuExit::SystemEvent(..)) => Some(VmEnd::GuestReset),
@@ -254,7 +275,10 @@ impl Vcpu {
                 "VM entry failed (hardware reason {reason:#x} on host cpu {cpu})"
             ))),
             Ok(VcpuExit::InternalError) => self.on_internal_error(),
-            Ok(VcpuExit::Debug(_)) => None,
+            Ok(VcpuExit::Debug(arch)) => {
+                debug_exit = DebugExit::Debug(arch);
+                None
+            }
             Ok(other) => {
                 let what = format!("unexpected exit: {other:?}");
                 Some(self.crash(what))
@@ -267,9 +291,11 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EAGAIN => None,
             Err(e) => Some(self.crash(format!("KVM_RUN failed: {e}"))),
         };
+        self.handle_debug_exit(debug_exit);
         if self.sample_request.take() {
             self.take_sample();
         }
+        let end = end.and_then(|end| self.hold_crash_for_debugger(end));
         if let Some(end) = end {
             self.set_state(VcpuState::Exited);
             let _ = self.events.send(VcpuEvent::End(end));
@@ -352,12 +378,20 @@ impl Vcpu {
                     .then_some(b[0])
             })
             .or_else(|| bytes.first().copied());
-        match exit::classify_internal_error(internal.suberror, byte_at_rip, false) {
+        let debugger_owns = regs
+            .as_ref()
+            .is_some_and(|r| self.debug.owns_sw_breakpoint(r.rip));
+        match exit::classify_internal_error(internal.suberror, byte_at_rip, debugger_owns) {
             InternalErrorAction::InjectBreakpoint => match self.inject_breakpoint() {
                 Ok(()) => None,
                 Err(e) => Some(self.crash(format!("cannot deliver guest int3 as #BP: {e}"))),
             },
-            InternalErrorAction::DebuggerBreakpoint | InternalErrorAction::Fatal => {
+            InternalErrorAction::DebuggerBreakpoint => {
+                // RIP stays on the int3, as gdb expects of a software breakpoint hit.
+                self.debug_report(StopReason::SwBreakpoint);
+                None
+            }
+            InternalErrorAction::Fatal => {
                 Some(self.crash(format!(
                     "KVM internal error: {} (suberror {}){}",
                     exit::suberror_name(internal.suberror),
@@ -411,6 +445,41 @@ impl Vcpu {
             vcpu: self.id,
             reason,
             report,
+        }
+    }
+}
+
+/// A debug-relevant exit seen inside `run_once`'s match, acted on once the exit's borrow of `kvm_run` ends.
+enum DebugExit {
+    None,
+    Debug(kvm_debug_exit_arch),
+    Watchpoint(StopReason),
+}
+
+// Debugger hooks of the run loop (the rest is in `debug::vcpu_side`).
+impl Vcpu {
+    fn handle_debug_exit(&mut self, exit: DebugExit) {
+        match exit {
+            DebugExit::None => {}
+            DebugExit::Debug(arch) => self.on_debug_exit(arch),
+            DebugExit::Watchpoint(reason) => {
+                // Report the state after the access: a load's data reaches its register on the next entry.
+                self.complete_pending_exit();
+                self.debug_report(reason);
+            }
+        }
+    }
+
+    /// With gdb attached, a crashed vCPU stops (SIGSEGV in gdb, state inspectable) instead of ending the VM;
+    /// resuming it runs into the crash again, and once gdb is gone the crash ends the VM as usual.
+    fn hold_crash_for_debugger(&mut self, end: VmEnd) -> Option<VmEnd> {
+        match &end {
+            VmEnd::Crash { reason, .. } if self.debug.session_active() => {
+                let description = reason.clone();
+                self.debug_report(StopReason::Crashed { description });
+                None
+            }
+            _ => Some(end),
         }
     }
 }

@@ -15,6 +15,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::boot::{self, BootConfig, BootError};
 use crate::cpuid::{self, CpuidPolicy};
+use crate::debug::{DebugShared, MemorySlots, RamRegion, VcpuDebugState};
 use crate::devices::{PioDevices, SerialOut, COM1_IRQ};
 use crate::exit::VmEnd;
 use crate::kick::{self, Kicker};
@@ -55,6 +56,8 @@ pub enum VmError {
     Thread(#[source] std::io::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Debug(#[from] crate::debug::DebugError),
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -71,6 +74,8 @@ pub struct VmConfig {
     pub serial_out: SerialOut,
     pub sampler: Option<SamplerConfig>,
     pub symbolize: Option<SymbolizeFn>,
+    /// Create the vCPUs parked (`--gdb-wait`): no guest instruction runs until a debugger resumes them.
+    pub start_paused: bool,
 }
 
 /// Static facts about a running VM (control socket `info`).
@@ -95,6 +100,10 @@ struct ControlInner {
     mem: GuestMemoryMmap,
     info: VmInfo,
     end_tx: Sender<VcpuEvent>,
+    // For the debugger: its shared tables, and what memory-slot surgery for watchpoints needs.
+    debug: Arc<DebugShared>,
+    vm_fd: Arc<VmFd>,
+    ram: Vec<RamRegion>,
 }
 
 impl VmControl {
@@ -177,6 +186,20 @@ impl VmControl {
         ))
     }
 
+    pub(crate) fn handles(&self) -> &[VcpuHandle] {
+        &self.inner.vcpus
+    }
+
+    /// The debugger state every vCPU thread shares.
+    pub fn debug_shared(&self) -> Arc<DebugShared> {
+        self.inner.debug.clone()
+    }
+
+    /// The VM's memory slots as installed at boot, for watchpoint page protection. One debug target uses it.
+    pub(crate) fn memory_slots(&self) -> MemorySlots {
+        MemorySlots::new(self.inner.vm_fd.clone(), self.inner.ram.clone())
+    }
+
     /// Asks the VM to end (as if the guest had powered off): `run_to_end` returns `VmEnd::Stopped`.
     pub fn stop(&self) {
         let _ = self.inner.end_tx.send(VcpuEvent::End(VmEnd::Stopped));
@@ -192,7 +215,7 @@ pub struct Vm {
     sampler_thread: Option<JoinHandle<()>>,
     devices: Arc<PioDevices>,
     // Kept alive for the life of the VM: dropping them tears the VM down.
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -209,7 +232,7 @@ impl Vm {
         if !(16..=1 << 20).contains(&cfg.mem_mib) {
             return Err(VmError::MemSize(cfg.mem_mib));
         }
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         if cfg.no_pmu && caps.pmu {
             let cap = kvm_bindings::kvm_enable_cap {
                 cap: kvm_bindings::KVM_CAP_PMU_CAPABILITY,
@@ -238,10 +261,16 @@ impl Vm {
             mib: cfg.mem_mib,
             source,
         })?;
+        let mut ram = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
                 .expect("region start is inside the region");
+            ram.push(RamRegion {
+                gpa: region.start_addr().0,
+                len: region.len(),
+                host: host as u64,
+            });
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -286,6 +315,12 @@ impl Vm {
             None => (None, None),
         };
         let epoch = Instant::now();
+        let debug = Arc::new(DebugShared::new()?);
+        let initial_state = if cfg.start_paused {
+            VcpuState::Paused
+        } else {
+            VcpuState::Running
+        };
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for id in 0..cfg.cpus {
@@ -313,7 +348,7 @@ impl Vm {
                 fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
             }
             let (tx, rx) = mpsc::channel();
-            let state = Arc::new(AtomicU8::new(VcpuState::Running as u8));
+            let state = Arc::new(AtomicU8::new(initial_state as u8));
             let sample_request = Arc::new(SampleRequest::default());
             let vcpu = Vcpu {
                 id,
@@ -334,6 +369,8 @@ impl Vm {
                 }),
                 use_sync_regs: caps.has_sync_regs(),
                 symbolize: cfg.symbolize.clone(),
+                debug: debug.clone(),
+                debug_state: VcpuDebugState::default(),
             };
             let (kicker_tx, kicker_rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
@@ -388,6 +425,9 @@ impl Vm {
                 mem,
                 info,
                 end_tx: event_tx,
+                debug,
+                vm_fd: vm_fd.clone(),
+                ram,
             }),
         };
         let stream = sample_rx.map(|rx| SampleStream { rx, loss });

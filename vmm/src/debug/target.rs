@@ -1,0 +1,390 @@
+//! `gdbstub_kvm::DebugTarget` over the VMM's vCPU threads.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use gdbstub_kvm::{
+    DebugTarget, GuestRegisters, HwBreakpoints, ResumeAction, StopEvent, SwBreakpoints,
+    TargetError, VcpuIndex, WatchKind, Watchpoints,
+};
+use kvm_bindings::{
+    kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::{protections, DebugResume, DebugShared, MemorySlots, SwBreakpoint, WatchChunk};
+use crate::paging::{self, PagingContext};
+use crate::probe::HostCaps;
+use crate::vcpu::{VcpuError, VcpuRequest, VcpuState};
+use crate::vm::VmControl;
+
+const HW_SLOTS: usize = 4;
+/// DR7: GE plus the always-one bit 10, as the host measurements armed it.
+const DR7_BASE: u64 = 0x600;
+const INT3: u8 = 0xcc;
+
+/// The debug target of one VM. Create one per VM; the gdb server thread owns it.
+pub struct VmDebugTarget {
+    control: VmControl,
+    shared: Arc<DebugShared>,
+    caps: HostCaps,
+    slots: MemorySlots,
+    hw_breakpoints: [Option<u64>; HW_SLOTS],
+}
+
+fn vcpu_failed(what: &str) -> impl FnOnce(VcpuError) -> TargetError + '_ {
+    move |e| TargetError::failed(what.to_string(), e)
+}
+
+impl VmDebugTarget {
+    pub fn new(control: VmControl, caps: HostCaps) -> Self {
+        VmDebugTarget {
+            shared: control.debug_shared(),
+            slots: control.memory_slots(),
+            control,
+            caps,
+            hw_breakpoints: [None; HW_SLOTS],
+        }
+    }
+
+    /// The VM this target debugs.
+    pub fn control(&self) -> VmControl {
+        self.control.clone()
+    }
+
+    /// The state the vCPU threads share with this target (the server uses it to mark sessions).
+    pub fn shared(&self) -> Arc<DebugShared> {
+        self.shared.clone()
+    }
+
+    fn check_vcpu(&self, vcpu: VcpuIndex) -> Result<(), TargetError> {
+        if vcpu < self.control.vcpu_count() {
+            Ok(())
+        } else {
+            Err(TargetError::NoSuchVcpu { vcpu })
+        }
+    }
+
+    fn paging_context(&self, vcpu: VcpuIndex) -> Result<PagingContext, TargetError> {
+        self.check_vcpu(vcpu)?;
+        let regs = self
+            .control
+            .registers(vcpu, false)
+            .map_err(vcpu_failed("cannot read the vCPU's paging registers"))?;
+        Ok(PagingContext::from_regs(&regs))
+    }
+
+    /// Translates a breakpoint or watch address with vCPU 0's page tables (kernel mappings are shared).
+    fn translate(&self, gva: u64) -> Result<paging::Translation, TargetError> {
+        let ctx = self.paging_context(0)?;
+        paging::translate(self.control.memory(), &ctx, gva)
+            .map_err(|_| TargetError::NotMapped { gva })
+    }
+
+    /// On PVM hosts every debug event of ring-3 code goes to the guest: breakpoints there can never stop.
+    fn refuse_user_code(&self, gva: u64, what: &str) -> Result<(), TargetError> {
+        if !self.caps.pvm {
+            return Ok(());
+        }
+        let user_half = gva >> 63 == 0;
+        let user_page = self.translate(gva).map(|t| t.user).unwrap_or(false);
+        if user_half || user_page {
+            return Err(TargetError::refused(format!(
+                "cannot set a {what} at {gva:#x}: it is user-space (ring-3) code, and on this PVM host ring-3 \
+                 int3, debug-register and single-step events go to the guest, never to the VMM"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The guest-debug configuration every vCPU runs with.
+    fn armed(&self) -> kvm_guest_debug {
+        let mut dbg = kvm_guest_debug::default();
+        if !self.shared.sw_breakpoints().is_empty() {
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+        }
+        let mut dr7 = 0;
+        for (slot, addr) in self.hw_breakpoints.iter().enumerate() {
+            if let Some(addr) = addr {
+                dbg.arch.debugreg[slot] = *addr;
+                // Gn, execute (RW=00), length 1 (LEN=00).
+                dr7 |= 2 << (slot * 2);
+            }
+        }
+        if dr7 != 0 {
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+            dbg.arch.debugreg[7] = DR7_BASE | dr7;
+        }
+        dbg
+    }
+
+    fn apply_watch_protection(&mut self) -> Result<(), TargetError> {
+        let pages = protections(&self.shared.watches());
+        self.slots
+            .apply(&pages)
+            .map_err(|e| TargetError::failed("cannot change the guest memory slots", e))
+    }
+}
+
+impl DebugTarget for VmDebugTarget {
+    fn vcpu_count(&self) -> usize {
+        self.control.vcpu_count()
+    }
+
+    fn pause_all(&mut self) -> Result<(), TargetError> {
+        let mut waits = Vec::new();
+        for handle in self.control.handles() {
+            if handle.state() == VcpuState::Exited {
+                continue;
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            // A vCPU that left between the check and the send has ended with the VM: nothing to pause.
+            if handle.send(VcpuRequest::Pause(tx)).is_ok() {
+                waits.push(rx);
+            }
+        }
+        for rx in waits {
+            // A closed channel means the vCPU thread ended meanwhile; likewise nothing to pause.
+            let _ = rx.recv();
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self, actions: &[(VcpuIndex, ResumeAction)]) -> Result<(), TargetError> {
+        for &(vcpu, action) in actions {
+            self.check_vcpu(vcpu)?;
+            if action == ResumeAction::Step && self.caps.pvm {
+                let regs = self.read_registers(vcpu)?;
+                if regs.cpl() == 3 {
+                    return Err(TargetError::refused(format!(
+                        "vCPU {vcpu} is in user-space (ring-3) code at {:#x}: this PVM host delivers ring-3 \
+                         single-steps to the guest, so it cannot be stepped from the VMM",
+                        regs.rip
+                    )));
+                }
+            }
+        }
+        let armed = self.armed();
+        let blockirq = self.caps.has_blockirq();
+        for &(vcpu, action) in actions {
+            let handle = &self.control.handles()[vcpu];
+            if handle.state() == VcpuState::Exited {
+                continue;
+            }
+            handle
+                .send(VcpuRequest::DebugResume(DebugResume {
+                    action,
+                    armed,
+                    blockirq,
+                }))
+                .map_err(vcpu_failed("cannot resume the vCPU"))?;
+        }
+        Ok(())
+    }
+
+    fn read_registers(&mut self, vcpu: VcpuIndex) -> Result<GuestRegisters, TargetError> {
+        self.check_vcpu(vcpu)?;
+        self.control
+            .registers(vcpu, true)
+            .map_err(vcpu_failed("cannot read the vCPU's registers"))
+    }
+
+    fn write_registers(
+        &mut self,
+        vcpu: VcpuIndex,
+        regs: &GuestRegisters,
+    ) -> Result<(), TargetError> {
+        self.check_vcpu(vcpu)?;
+        self.control
+            .set_registers(vcpu, *regs)
+            .map_err(vcpu_failed("cannot write the vCPU's registers"))
+    }
+
+    fn read_memory(
+        &mut self,
+        vcpu: VcpuIndex,
+        gva: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, TargetError> {
+        let ctx = self.paging_context(vcpu)?;
+        let n = paging::read_virt(self.control.memory(), &ctx, gva, buf);
+        if n == 0 && !buf.is_empty() {
+            return Err(TargetError::NotMapped { gva });
+        }
+        // Show the original bytes under our int3s.
+        let end = gva.saturating_add(n as u64);
+        for (&addr, bp) in self.shared.sw_breakpoints().range(gva..end) {
+            buf[(addr - gva) as usize] = bp.original;
+        }
+        Ok(n)
+    }
+
+    fn write_memory(&mut self, vcpu: VcpuIndex, gva: u64, data: &[u8]) -> Result<(), TargetError> {
+        let ctx = self.paging_context(vcpu)?;
+        let mem = self.control.memory();
+        let mut probe = vec![0u8; data.len()];
+        let readable = paging::read_virt(mem, &ctx, gva, &mut probe);
+        if readable < data.len() {
+            return Err(TargetError::NotMapped {
+                gva: gva.wrapping_add(readable as u64),
+            });
+        }
+        let mut patched = data.to_vec();
+        let end = gva.saturating_add(data.len() as u64);
+        for (&addr, bp) in self.shared.sw_breakpoints().range_mut(gva..end) {
+            // Keep the breakpoint: the new byte becomes the one it restores.
+            let offset = (addr - gva) as usize;
+            bp.original = data[offset];
+            patched[offset] = INT3;
+        }
+        if paging::write_virt(mem, &ctx, gva, &patched) < patched.len() {
+            return Err(TargetError::NotMapped { gva });
+        }
+        Ok(())
+    }
+
+    fn stop_event_fd(&self) -> RawFd {
+        self.shared.queue().fd()
+    }
+
+    fn take_stop_event(&mut self) -> Option<StopEvent> {
+        // All-stop: the reporting vCPU parked itself; park the others before gdb hears of it.
+        let _ = self.pause_all();
+        self.shared.queue().take()
+    }
+
+    fn as_sw_breakpoints(&mut self) -> Option<&mut dyn SwBreakpoints> {
+        Some(self)
+    }
+
+    fn as_hw_breakpoints(&mut self) -> Option<&mut dyn HwBreakpoints> {
+        Some(self)
+    }
+
+    fn as_watchpoints(&mut self) -> Option<&mut dyn Watchpoints> {
+        self.caps.readonly_mem.then_some(self as &mut dyn Watchpoints)
+    }
+
+    fn vcpu_description(&mut self, vcpu: VcpuIndex) -> Option<String> {
+        self.control.vcpu_state(vcpu).map(|s| format!("{s:?}"))
+    }
+}
+
+impl SwBreakpoints for VmDebugTarget {
+    fn add_sw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
+        self.refuse_user_code(gva, "breakpoint")?;
+        if self.shared.owns_sw_breakpoint(gva) {
+            return Ok(());
+        }
+        let gpa = self.translate(gva)?.gpa;
+        let mem = self.control.memory();
+        let original: u8 = mem
+            .read_obj(GuestAddress(gpa))
+            .map_err(|_| TargetError::NotMapped { gva })?;
+        mem.write_obj(INT3, GuestAddress(gpa))
+            .map_err(|_| TargetError::NotMapped { gva })?;
+        self.shared
+            .sw_breakpoints()
+            .insert(gva, SwBreakpoint { gpa, original });
+        Ok(())
+    }
+
+    fn remove_sw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
+        let bp = self
+            .shared
+            .sw_breakpoints()
+            .remove(&gva)
+            .ok_or_else(|| TargetError::refused(format!("no breakpoint at {gva:#x}")))?;
+        self.control
+            .memory()
+            .write_obj(bp.original, GuestAddress(bp.gpa))
+            .map_err(|_| TargetError::NotMapped { gva })
+    }
+}
+
+impl HwBreakpoints for VmDebugTarget {
+    fn hw_breakpoint_slots(&self) -> usize {
+        HW_SLOTS
+    }
+
+    fn add_hw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
+        self.refuse_user_code(gva, "hardware breakpoint")?;
+        if self.hw_breakpoints.contains(&Some(gva)) {
+            return Ok(());
+        }
+        let slot = self
+            .hw_breakpoints
+            .iter_mut()
+            .find(|s| s.is_none())
+            .ok_or_else(|| {
+                TargetError::refused(format!(
+                    "all {HW_SLOTS} hardware breakpoint slots (DR0-DR3) are in use"
+                ))
+            })?;
+        *slot = Some(gva);
+        Ok(())
+    }
+
+    fn remove_hw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
+        let slot = self
+            .hw_breakpoints
+            .iter_mut()
+            .find(|s| **s == Some(gva))
+            .ok_or_else(|| TargetError::refused(format!("no hardware breakpoint at {gva:#x}")))?;
+        *slot = None;
+        Ok(())
+    }
+}
+
+impl Watchpoints for VmDebugTarget {
+    fn add_watchpoint(&mut self, gva: u64, len: u64, kind: WatchKind) -> Result<(), TargetError> {
+        if len == 0 || gva.checked_add(len).is_none() {
+            return Err(TargetError::refused(format!(
+                "invalid watch range {gva:#x}+{len}"
+            )));
+        }
+        let mut chunks = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let at = gva + done;
+            let t = self.translate(at)?;
+            let piece = (len - done).min(super::PAGE_SIZE - (t.gpa & (super::PAGE_SIZE - 1)));
+            chunks.push(WatchChunk {
+                watch_gva: gva,
+                watch_len: len,
+                kind,
+                gpa: t.gpa,
+                gva: at,
+                len: piece,
+            });
+            done += piece;
+        }
+        self.shared.watches().extend(chunks);
+        let applied = self.apply_watch_protection();
+        if applied.is_err() {
+            self.shared
+                .watches()
+                .retain(|c| !(c.watch_gva == gva && c.watch_len == len && c.kind == kind));
+        }
+        applied
+    }
+
+    fn remove_watchpoint(
+        &mut self,
+        gva: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> Result<(), TargetError> {
+        {
+            let mut watches = self.shared.watches();
+            let before = watches.len();
+            watches.retain(|c| !(c.watch_gva == gva && c.watch_len == len && c.kind == kind));
+            if watches.len() == before {
+                return Err(TargetError::refused(format!(
+                    "no watchpoint at {gva:#x}+{len}"
+                )));
+            }
+        }
+        self.apply_watch_protection()
+    }
+}

@@ -1,0 +1,148 @@
+//! The vCPU-thread half of the debugger: applying a resume (step, step over a hardware breakpoint), turning debug
+//! exits into stop events, and parking the vCPU when it reports one.
+
+use gdbstub_kvm::{ResumeAction, StopEvent, StopReason};
+use kvm_bindings::{
+    kvm_debug_exit_arch, kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
+};
+
+use crate::vcpu::{Vcpu, VcpuState};
+
+/// x86 #BP.
+const BP_VECTOR: u32 = 3;
+/// DR6 B0-B3: which hardware breakpoint fired.
+const DR6_BREAKPOINT_HITS: u64 = 0xf;
+
+/// What the gdb thread asks of one vCPU when it resumes it.
+#[derive(Debug, Clone, Copy)]
+pub struct DebugResume {
+    pub action: ResumeAction,
+    /// The breakpoint configuration every vCPU runs with (sw/hw breakpoint flags and debug registers).
+    pub armed: kvm_guest_debug,
+    /// Step with `KVM_GUESTDBG_BLOCKIRQ` so a pending interrupt does not turn a step into a handler entry.
+    pub blockirq: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Stepping {
+    #[default]
+    None,
+    /// gdb asked for one instruction.
+    Requested,
+    /// Executing the instruction under a hardware breakpoint with DR7 cleared (it re-fires forever otherwise),
+    /// then re-arming; `then_report` when gdb asked for a step rather than a continue.
+    OverHwBreakpoint { then_report: bool },
+}
+
+/// Per-vCPU debugger state, owned by the vCPU thread.
+#[derive(Debug, Default)]
+pub struct VcpuDebugState {
+    armed: kvm_guest_debug,
+    stepping: Stepping,
+    /// RIP of the hardware breakpoint this vCPU last stopped on.
+    hw_stop_rip: Option<u64>,
+}
+
+impl Vcpu {
+    /// Serves `VcpuRequest::DebugResume`: configures guest debug for the action and starts running.
+    pub(crate) fn debug_resume(&mut self, resume: DebugResume) {
+        self.debug_state.armed = resume.armed;
+        let rip = match self.fd.get_regs() {
+            Ok(regs) => regs.rip,
+            Err(e) => {
+                self.debug_report(StopReason::Crashed {
+                    description: format!("cannot read registers to resume: {e}"),
+                });
+                return;
+            }
+        };
+        let mut step_flags = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        if resume.blockirq {
+            step_flags |= KVM_GUESTDBG_BLOCKIRQ;
+        }
+        let stopped_on_hw = self.debug_state.hw_stop_rip.take() == Some(rip)
+            && resume.armed.control & KVM_GUESTDBG_USE_HW_BP != 0;
+        let mut dbg = resume.armed;
+        self.debug_state.stepping = if stopped_on_hw {
+            dbg.arch.debugreg[7] = 0;
+            dbg.control |= step_flags;
+            Stepping::OverHwBreakpoint {
+                then_report: resume.action == ResumeAction::Step,
+            }
+        } else if resume.action == ResumeAction::Step {
+            dbg.control |= step_flags;
+            Stepping::Requested
+        } else {
+            Stepping::None
+        };
+        if let Err(e) = self.fd.set_guest_debug(&dbg) {
+            self.debug_state.stepping = Stepping::None;
+            self.debug_report(StopReason::Crashed {
+                description: format!("KVM_SET_GUEST_DEBUG failed: {e}"),
+            });
+            return;
+        }
+        self.set_state(VcpuState::Running);
+    }
+
+    /// A `KVM_EXIT_DEBUG`: the end of a step, a hardware breakpoint, or (hardware KVM) an int3.
+    pub(crate) fn on_debug_exit(&mut self, arch: kvm_debug_exit_arch) {
+        let stepping = std::mem::take(&mut self.debug_state.stepping);
+        if stepping != Stepping::None {
+            // Back to the armed configuration: no single-step, DR7 re-armed.
+            let armed = self.debug_state.armed;
+            if let Err(e) = self.fd.set_guest_debug(&armed) {
+                self.debug_report(StopReason::Crashed {
+                    description: format!("KVM_SET_GUEST_DEBUG failed after a step: {e}"),
+                });
+                return;
+            }
+        }
+        match stepping {
+            Stepping::Requested | Stepping::OverHwBreakpoint { then_report: true } => {
+                self.debug_report(StopReason::StepDone);
+                return;
+            }
+            Stepping::OverHwBreakpoint { then_report: false } => return,
+            Stepping::None => {}
+        }
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(arch.pc);
+        if arch.exception == BP_VECTOR {
+            if self.debug.owns_sw_breakpoint(rip) {
+                self.debug_report(StopReason::SwBreakpoint);
+            } else {
+                // The guest's own int3: hand it back as the #BP it is.
+                let mut dbg = self.debug_state.armed;
+                dbg.control |= KVM_GUESTDBG_INJECT_BP;
+                if let Err(e) = self.fd.set_guest_debug(&dbg) {
+                    self.debug_report(StopReason::Crashed {
+                        description: format!("cannot re-inject the guest's int3: {e}"),
+                    });
+                }
+            }
+        } else if arch.dr6 & DR6_BREAKPOINT_HITS != 0 {
+            self.debug_state.hw_stop_rip = Some(rip);
+            self.debug_report(StopReason::HwBreakpoint);
+        } else if self.debug.session_active() {
+            self.debug_report(StopReason::Paused);
+        }
+    }
+
+    /// Completes an exit KVM has not finished (an MMIO load's data goes into its register on the next entry),
+    /// so the reported state is after the access.
+    pub(crate) fn complete_pending_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Parks this vCPU and queues its stop for gdb. The gdb thread stops the other vCPUs before it reports it.
+    pub(crate) fn debug_report(&mut self, reason: StopReason) {
+        self.set_state(VcpuState::Paused);
+        self.debug.queue().push(StopEvent {
+            vcpu: self.id,
+            reason,
+        });
+    }
+}
