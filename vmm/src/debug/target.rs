@@ -4,7 +4,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use gdbstub_kvm::{
-    DebugTarget, GuestRegisters, HwBreakpoints, ResumeAction, StopEvent, SwBreakpoints,
+    DebugTarget, GuestRegisters, HwBreakpoints, ResumeAction, StopEvent, StopReason, SwBreakpoints,
     TargetError, VcpuIndex, WatchKind, Watchpoints,
 };
 use kvm_bindings::{
@@ -22,6 +22,7 @@ const HW_SLOTS: usize = 4;
 /// DR7: GE plus the always-one bit 10, as the host measurements armed it.
 const DR7_BASE: u64 = 0x600;
 const INT3: u8 = 0xcc;
+const CR0_PG: u64 = 1 << 31;
 
 /// The debug target of one VM. Create one per VM; the gdb server thread owns it.
 pub struct VmDebugTarget {
@@ -30,6 +31,8 @@ pub struct VmDebugTarget {
     caps: HostCaps,
     slots: MemorySlots,
     hw_breakpoints: [Option<u64>; HW_SLOTS],
+    /// Per vCPU: the RIP of the hardware breakpoint it was last reported stopped on.
+    hw_stops: Vec<Option<u64>>,
 }
 
 fn vcpu_failed(what: &str) -> impl FnOnce(VcpuError) -> TargetError + '_ {
@@ -41,9 +44,10 @@ impl VmDebugTarget {
         VmDebugTarget {
             shared: control.debug_shared(),
             slots: control.memory_slots(),
-            control,
             caps,
             hw_breakpoints: [None; HW_SLOTS],
+            hw_stops: vec![None; control.vcpu_count()],
+            control,
         }
     }
 
@@ -77,6 +81,13 @@ impl VmDebugTarget {
     /// Translates a breakpoint or watch address with vCPU 0's page tables (kernel mappings are shared).
     fn translate(&self, gva: u64) -> Result<paging::Translation, TargetError> {
         let ctx = self.paging_context(0)?;
+        if ctx.cr0 & CR0_PG == 0 {
+            return Err(TargetError::refused(format!(
+                "cannot place a software breakpoint or watchpoint at {gva:#x} yet: vCPU 0 has not enabled paging, \
+                 so guest virtual addresses do not translate (use hbreak, which needs no translation, to stop \
+                 once paging is on)"
+            )));
+        }
         paging::translate(self.control.memory(), &ctx, gva)
             .map_err(|_| TargetError::NotMapped { gva })
     }
@@ -87,7 +98,10 @@ impl VmDebugTarget {
             return Ok(());
         }
         let user_half = gva >> 63 == 0;
-        let user_page = self.translate(gva).map(|t| t.user).unwrap_or(false);
+        let ctx = self.paging_context(0)?;
+        // Before paging is on there is no user/supervisor distinction to read; the address half decides.
+        let user_page = ctx.cr0 & CR0_PG != 0
+            && paging::translate(self.control.memory(), &ctx, gva).is_ok_and(|t| t.user);
         if user_half || user_page {
             return Err(TargetError::refused(format!(
                 "cannot set a {what} at {gva:#x}: it is user-space (ring-3) code, and on this PVM host ring-3 \
@@ -116,6 +130,25 @@ impl VmDebugTarget {
             dbg.arch.debugreg[7] = DR7_BASE | dr7;
         }
         dbg
+    }
+
+    /// Other vCPUs' breakpoint hits from the same stop are dropped rather than reported after gdb's next resume
+    /// (gdb 13 trips an assertion when one arrives while it steps a thread over a breakpoint). Nothing is lost:
+    /// those vCPUs still sit on the breakpoint, not yet executed, and hit it again when resumed.
+    fn drop_pending_breakpoint_hits(&mut self) {
+        let queue = self.shared.queue();
+        let mut kept = Vec::new();
+        while let Some(event) = queue.take() {
+            if !matches!(
+                event.reason,
+                StopReason::SwBreakpoint | StopReason::HwBreakpoint
+            ) {
+                kept.push(event);
+            }
+        }
+        for event in kept {
+            queue.push(event);
+        }
     }
 
     fn apply_watch_protection(&mut self) -> Result<(), TargetError> {
@@ -176,6 +209,7 @@ impl DebugTarget for VmDebugTarget {
                     action,
                     armed,
                     blockirq,
+                    step_over_hw_at: self.hw_stops[vcpu].take(),
                 }))
                 .map_err(vcpu_failed("cannot resume the vCPU"))?;
         }
@@ -250,7 +284,16 @@ impl DebugTarget for VmDebugTarget {
     fn take_stop_event(&mut self) -> Option<StopEvent> {
         // All-stop: the reporting vCPU parked itself; park the others before gdb hears of it.
         let _ = self.pause_all();
-        self.shared.queue().take()
+        let event = self.shared.queue().take()?;
+        if event.reason == StopReason::HwBreakpoint {
+            self.hw_stops[event.vcpu] = self
+                .control
+                .registers(event.vcpu, false)
+                .ok()
+                .map(|r| r.rip);
+        }
+        self.drop_pending_breakpoint_hits();
+        Some(event)
     }
 
     fn as_sw_breakpoints(&mut self) -> Option<&mut dyn SwBreakpoints> {

@@ -22,6 +22,9 @@ pub struct DebugResume {
     pub armed: kvm_guest_debug,
     /// Step with `KVM_GUESTDBG_BLOCKIRQ` so a pending interrupt does not turn a step into a handler entry.
     pub blockirq: bool,
+    /// The vCPU was last reported stopped on a hardware breakpoint here: if it is still there, execute that
+    /// instruction with DR7 cleared first (the breakpoint re-fires forever otherwise), then re-arm.
+    pub step_over_hw_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,8 +43,6 @@ enum Stepping {
 pub struct VcpuDebugState {
     armed: kvm_guest_debug,
     stepping: Stepping,
-    /// RIP of the hardware breakpoint this vCPU last stopped on.
-    hw_stop_rip: Option<u64>,
 }
 
 impl Vcpu {
@@ -61,7 +62,7 @@ impl Vcpu {
         if resume.blockirq {
             step_flags |= KVM_GUESTDBG_BLOCKIRQ;
         }
-        let stopped_on_hw = self.debug_state.hw_stop_rip.take() == Some(rip)
+        let stopped_on_hw = resume.step_over_hw_at == Some(rip)
             && resume.armed.control & KVM_GUESTDBG_USE_HW_BP != 0;
         let mut dbg = resume.armed;
         self.debug_state.stepping = if stopped_on_hw {
@@ -107,8 +108,8 @@ impl Vcpu {
             Stepping::OverHwBreakpoint { then_report: false } => return,
             Stepping::None => {}
         }
-        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(arch.pc);
         if arch.exception == BP_VECTOR {
+            let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(arch.pc);
             if self.debug.owns_sw_breakpoint(rip) {
                 self.debug_report(StopReason::SwBreakpoint);
             } else {
@@ -122,7 +123,6 @@ impl Vcpu {
                 }
             }
         } else if arch.dr6 & DR6_BREAKPOINT_HITS != 0 {
-            self.debug_state.hw_stop_rip = Some(rip);
             self.debug_report(StopReason::HwBreakpoint);
         } else if self.debug.session_active() {
             self.debug_report(StopReason::Paused);
