@@ -53,17 +53,25 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         }
     }
     if args.vm.is_some() {
-        anyhow::bail!("--vm (attaching to a running VM) is not supported yet; start the VM with `-- run ...`");
+        anyhow::bail!(
+            "--vm (attaching to a running VM) is not supported yet; start the VM with `-- run ...`"
+        );
     }
     vm_source::install_interrupt_handlers();
-    let sampler = SamplerConfig { frequency_hz: args.freq, callchains: args.callchains, queue_capacity: 1 << 16 };
+    let sampler = SamplerConfig {
+        frequency_hz: args.freq,
+        callchains: args.callchains,
+        queue_capacity: 1 << 16,
+    };
     let mut vm = StartedVm::start(&args.vmm_args, Some(sampler))?;
     let meta = record_meta(&args, &vm);
-    let mut writer =
-        PerfDataWriter::create(&args.output, &meta).with_context(|| format!("creating {}", args.output.display()))?;
+    let mut writer = PerfDataWriter::create(&args.output, &meta)
+        .with_context(|| format!("creating {}", args.output.display()))?;
     let stream = vm.stream.take().expect("sampling was configured");
     let started = Instant::now();
-    let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d.max(0.0)));
+    let deadline = args
+        .duration
+        .map(|d| started + Duration::from_secs_f64(d.max(0.0)));
     let mut samples = 0u64;
     let mut reported_loss = SampleLoss::default();
     let mut last_progress = Instant::now();
@@ -80,10 +88,16 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {}
         }
-        let stop = vm.has_ended() || vm_source::interrupted() || deadline.is_some_and(|d| Instant::now() >= d);
+        let stop = vm.has_ended()
+            || vm_source::interrupted()
+            || deadline.is_some_and(|d| Instant::now() >= d);
         if last_progress.elapsed() >= Duration::from_secs(1) || stop {
             let loss = stream.loss.snapshot();
-            if let Err(e) = writer.write_lost(&loss_delta(&loss, &reported_loss), started.elapsed().as_nanos() as u64)
+            if let Err(e) = writer
+                .write_lost(
+                    &loss_delta(&loss, &reported_loss),
+                    started.elapsed().as_nanos() as u64,
+                )
                 .and_then(|_| writer.flush())
             {
                 write_error = Some(e);
@@ -100,7 +114,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let end = vm.finish();
     // Samples already queued when the VM stopped still belong to the recording.
     while write_error.is_none() {
-        let Ok(sample) = stream.rx.try_recv() else { break };
+        let Ok(sample) = stream.rx.try_recv() else {
+            break;
+        };
         match writer.write_sample(&sample) {
             Ok(()) => samples += 1,
             Err(e) => write_error = Some(e),
@@ -114,8 +130,12 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             args.output.display()
         )));
     }
-    writer.finish().with_context(|| format!("finishing {}", args.output.display()))?;
-    let size = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
+    writer
+        .finish()
+        .with_context(|| format!("finishing {}", args.output.display()))?;
+    let size = std::fs::metadata(&args.output)
+        .map(|m| m.len())
+        .unwrap_or(0);
     let loss = stream.loss.snapshot();
     eprintln!(
         "[ perf-kvm record: Captured and wrote {:.3} MB {} ({samples} samples, {} lost) ]",
@@ -146,8 +166,12 @@ fn record_meta(args: &RecordArgs, vm: &StartedVm) -> RecordMeta {
 /// test guest carries its ring-3 code in the same ELF. Anything unreadable just yields no maps.
 fn elf_layout(path: &Path) -> (Option<std::ops::Range<u64>>, Vec<GuestUserMap>) {
     use object::{Object, ObjectSegment};
-    let Ok(data) = std::fs::read(path) else { return (None, Vec::new()) };
-    let Ok(file) = object::File::parse(&*data) else { return (None, Vec::new()) };
+    let Ok(data) = std::fs::read(path) else {
+        return (None, Vec::new());
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return (None, Vec::new());
+    };
     let mut kernel: Option<std::ops::Range<u64>> = None;
     let mut user = Vec::new();
     for seg in file.segments() {
@@ -161,7 +185,12 @@ fn elf_layout(path: &Path) -> (Option<std::ops::Range<u64>>, Vec<GuestUserMap>) 
             r.end = r.end.max(start + len);
         } else if start >= 0x1000 && start < 0x0000_8000_0000_0000 {
             let (pgoff, _) = seg.file_range();
-            user.push(GuestUserMap { start, len, pgoff, path: path.to_path_buf() });
+            user.push(GuestUserMap {
+                start,
+                len,
+                pgoff,
+                path: path.to_path_buf(),
+            });
         }
     }
     (kernel, user)
@@ -182,6 +211,10 @@ fn loss_delta(now: &SampleLoss, before: &SampleLoss) -> SampleLoss {
 fn progress(samples: u64, loss: &SampleLoss, elapsed: Duration) {
     let rate = samples as f64 / elapsed.as_secs_f64().max(1e-3);
     let mut err = std::io::stderr();
-    let _ = write!(err, "\r[ perf-kvm record: {samples} samples, {} lost, {rate:.0} samples/s ]", loss_total(loss));
+    let _ = write!(
+        err,
+        "\r[ perf-kvm record: {samples} samples, {} lost, {rate:.0} samples/s ]",
+        loss_total(loss)
+    );
     let _ = err.flush();
 }

@@ -10,7 +10,11 @@ mod vm_source;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "perf-kvm", version, about = "Profile and symbolize KVM guests, perf-style")]
+#[command(
+    name = "perf-kvm",
+    version,
+    about = "Profile and symbolize KVM guests, perf-style"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

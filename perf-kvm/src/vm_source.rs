@@ -41,7 +41,8 @@ impl StartedVm {
         if vmm_args.is_empty() {
             anyhow::bail!("nothing to profile: give `--vm SOCKET` or `-- run --kernel PATH ...`");
         }
-        let run_args = vmm::cli::parse_run_args(vmm_args).map_err(|e| anyhow::anyhow!("bad VMM arguments: {e}"))?;
+        let run_args = vmm::cli::parse_run_args(vmm_args)
+            .map_err(|e| anyhow::anyhow!("bad VMM arguments: {e}"))?;
         let kvm = vmm::open_kvm()?;
         let caps = HostCaps::probe(&kvm)?;
         let mut cfg = run_args.vm_config(Box::new(std::io::stdout()))?;
@@ -50,12 +51,20 @@ impl StartedVm {
         let control = vm.control();
         let ended = Arc::new(AtomicBool::new(false));
         let flag = ended.clone();
-        let end = std::thread::Builder::new().name("vm".into()).spawn(move || {
-            let end = vm.run_to_end();
-            flag.store(true, Ordering::SeqCst);
-            end
-        })?;
-        Ok(StartedVm { control, stream, run_args, ended, end })
+        let end = std::thread::Builder::new()
+            .name("vm".into())
+            .spawn(move || {
+                let end = vm.run_to_end();
+                flag.store(true, Ordering::SeqCst);
+                end
+            })?;
+        Ok(StartedVm {
+            control,
+            stream,
+            run_args,
+            ended,
+            end,
+        })
     }
 
     pub fn has_ended(&self) -> bool {

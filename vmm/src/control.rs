@@ -50,7 +50,14 @@ pub enum Request {
     Info,
     Pause,
     Resume,
-    Regs { vcpu: usize },
+    Regs {
+        vcpu: usize,
+    },
+    /// Exit statistics per vCPU; `reset` zeroes them after reading.
+    ExitStats {
+        #[serde(default)]
+        reset: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -157,6 +164,13 @@ pub fn handle_line(line: &str, vm: &VmControl) -> Value {
         Request::Regs { vcpu } => vm
             .registers(vcpu, false)
             .map(|r| json!({ "regs": regs_json(&r) })),
+        Request::ExitStats { reset } => {
+            let stats = vm.exit_stats();
+            if reset {
+                vm.reset_exit_stats();
+            }
+            Ok(json!({ "exit_stats": stats }))
+        }
     };
     match result {
         Ok(mut v) => {

@@ -7,6 +7,7 @@ pub mod cpuid;
 pub mod debug;
 pub mod devices;
 pub mod exit;
+pub mod exit_stats;
 pub mod kick;
 pub mod paging;
 pub mod probe;

@@ -74,6 +74,7 @@ pub struct VcpuHandle {
     pub kicker: Kicker,
     pub state: Arc<AtomicU8>,
     pub sample_request: Arc<SampleRequest>,
+    pub exits: crate::exit_stats::SharedExitTable,
 }
 
 impl VcpuHandle {
@@ -116,6 +117,7 @@ pub struct Vcpu {
     /// Debugger state shared with the gdb thread (breakpoint tables, watched pages, stop queue).
     pub debug: Arc<DebugShared>,
     pub debug_state: VcpuDebugState,
+    pub exits: crate::exit_stats::SharedExitTable,
 }
 
 impl Vcpu {
@@ -240,7 +242,10 @@ impl Vcpu {
 
     fn run_once(&mut self) {
         let mut debug_exit = DebugExit::None;
-        let end = match self.fd.run() {
+        let result = self.fd.run();
+        let handling_started = std::time::Instant::now();
+        let key = crate::exit_stats::ExitKey::of(&result);
+        let end = match result {
             Ok(VcpuExit::IoOut(port, data)) => match self.devices.write(port, data) {
                 PioOutcome::ExitRequested(status) => Some(VmEnd::GuestExit(status)),
                 PioOutcome::ResetRequested => Some(VmEnd::GuestReset),
@@ -295,6 +300,8 @@ impl Vcpu {
         if self.sample_request.take() {
             self.take_sample();
         }
+        self.exits
+            .record(key, handling_started.elapsed().as_nanos() as u64);
         let end = end.and_then(|end| self.hold_crash_for_debugger(end));
         if let Some(end) = end {
             self.set_state(VcpuState::Exited);

@@ -200,6 +200,22 @@ impl VmControl {
         MemorySlots::new(self.inner.vm_fd.clone(), self.inner.ram.clone())
     }
 
+    /// Exit statistics of every vCPU, in vCPU order.
+    pub fn exit_stats(&self) -> Vec<crate::exit_stats::VcpuExitStats> {
+        self.inner
+            .vcpus
+            .iter()
+            .map(|v| v.exits.snapshot())
+            .collect()
+    }
+
+    /// Zeroes every vCPU's exit statistics.
+    pub fn reset_exit_stats(&self) {
+        for v in &self.inner.vcpus {
+            v.exits.reset();
+        }
+    }
+
     /// Asks the VM to end (as if the guest had powered off): `run_to_end` returns `VmEnd::Stopped`.
     pub fn stop(&self) {
         let _ = self.inner.end_tx.send(VcpuEvent::End(VmEnd::Stopped));
@@ -350,6 +366,7 @@ impl Vm {
             let (tx, rx) = mpsc::channel();
             let state = Arc::new(AtomicU8::new(initial_state as u8));
             let sample_request = Arc::new(SampleRequest::default());
+            let exits = Arc::new(crate::exit_stats::ExitTable::default());
             let vcpu = Vcpu {
                 id,
                 fd,
@@ -371,6 +388,7 @@ impl Vm {
                 symbolize: cfg.symbolize.clone(),
                 debug: debug.clone(),
                 debug_state: VcpuDebugState::default(),
+                exits: exits.clone(),
             };
             let (kicker_tx, kicker_rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
@@ -390,6 +408,7 @@ impl Vm {
                 kicker,
                 state,
                 sample_request,
+                exits,
             });
         }
         drop(sample_tx);

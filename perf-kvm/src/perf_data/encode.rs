@@ -346,6 +346,9 @@ mod tests {
         assert_eq!(event[8 + 4 + 20], 20, "size byte after the id");
         // perf's layout: 36-byte struct, then the name padded to 64 (not 8-aligned overall).
         assert_eq!(event.len(), 36 + 64);
-        assert_eq!(usize::from(u16::from_le_bytes([event[6], event[7]])), event.len());
+        assert_eq!(
+            usize::from(u16::from_le_bytes([event[6], event[7]])),
+            event.len()
+        );
     }
 }

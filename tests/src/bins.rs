@@ -1,0 +1,65 @@
+//! Locating the workspace's binaries from an integration test (built by `cargo build --workspace` first, as
+//! scripts/test does), and running them with a deadline.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the running test executable (target/<profile>/NAME).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a command to completion, killing it after `limit`; returns its output and whether it was killed.
+pub fn run_with_deadline(cmd: &mut Command, limit: Duration) -> (Output, bool) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let killed = wait_deadline(&mut child, limit);
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_end(&mut stdout);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_end(&mut stderr);
+    }
+    let status = child.wait().expect("wait");
+    (
+        Output {
+            status,
+            stdout,
+            stderr,
+        },
+        killed,
+    )
+}
+
+fn wait_deadline(child: &mut Child, limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return false;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
