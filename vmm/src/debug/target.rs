@@ -309,7 +309,14 @@ impl DebugTarget for VmDebugTarget {
     }
 
     fn vcpu_description(&mut self, vcpu: VcpuIndex) -> Option<String> {
-        self.control.vcpu_state(vcpu).map(|s| format!("{s:?}"))
+        self.control.vcpu_state(vcpu).map(|state| {
+            match state {
+                VcpuState::Running => "running",
+                VcpuState::Paused => "stopped",
+                VcpuState::Exited => "exited",
+            }
+            .to_string()
+        })
     }
 }
 

@@ -7,8 +7,10 @@ use kvm_bindings::{
     KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 
+use crate::paging::{read_virt, PagingContext};
 use crate::vcpu::{Vcpu, VcpuState};
 
+const HLT: u8 = 0xf4;
 /// x86 #BP.
 const BP_VECTOR: u32 = 3;
 /// DR6 B0-B3: which hardware breakpoint fired.
@@ -32,7 +34,7 @@ enum Stepping {
     #[default]
     None,
     /// gdb asked for one instruction.
-    Requested,
+    Requested { blockirq: bool },
     /// Executing the instruction under a hardware breakpoint with DR7 cleared (it re-fires forever otherwise),
     /// then re-arming; `then_report` when gdb asked for a step rather than a continue.
     OverHwBreakpoint { then_report: bool },
@@ -73,7 +75,9 @@ impl Vcpu {
             }
         } else if resume.action == ResumeAction::Step {
             dbg.control |= step_flags;
-            Stepping::Requested
+            Stepping::Requested {
+                blockirq: resume.blockirq,
+            }
         } else {
             Stepping::None
         };
@@ -90,6 +94,14 @@ impl Vcpu {
     /// A `KVM_EXIT_DEBUG`: the end of a step, a hardware breakpoint, or (hardware KVM) an int3.
     pub(crate) fn on_debug_exit(&mut self, arch: kvm_debug_exit_arch) {
         let stepping = std::mem::take(&mut self.debug_state.stepping);
+        if let Stepping::Requested { blockirq: true } = stepping {
+            if self.at_hlt() {
+                // Clearing BLOCKIRQ on a `hlt` with an interrupt pending hangs the vCPU on PVM hosts: execute the
+                // `hlt` in the same step mode (it does not halt under single-step) and report the step after it.
+                self.debug_state.stepping = stepping;
+                return;
+            }
+        }
         if stepping != Stepping::None {
             // Back to the armed configuration: no single-step, DR7 re-armed.
             let armed = self.debug_state.armed;
@@ -101,7 +113,7 @@ impl Vcpu {
             }
         }
         match stepping {
-            Stepping::Requested | Stepping::OverHwBreakpoint { then_report: true } => {
+            Stepping::Requested { .. } | Stepping::OverHwBreakpoint { then_report: true } => {
                 self.debug_report(StopReason::StepDone);
                 return;
             }
@@ -127,6 +139,16 @@ impl Vcpu {
         } else if self.debug.session_active() {
             self.debug_report(StopReason::Paused);
         }
+    }
+
+    /// Whether the next instruction is `hlt`.
+    fn at_hlt(&self) -> bool {
+        let Ok(regs) = self.registers(false) else {
+            return false;
+        };
+        let mut byte = [0u8; 1];
+        read_virt(&self.mem, &PagingContext::from_regs(&regs), regs.rip, &mut byte) == 1
+            && byte[0] == HLT
     }
 
     /// Completes an exit KVM has not finished (an MMIO load's data goes into its register on the next entry),
