@@ -24,17 +24,68 @@ impl Rng {
     }
 }
 
-fn address(rng: &mut Rng) -> u64 {
-    match rng.below(6) {
-        // Kernel text and data of the test guest.
-        0 => 0xffff_ffff_8010_0000 + rng.below(0x2_0000),
-        // Its user image.
-        1 => 0x40_0000 + rng.below(0x2000),
-        // Unmapped kernel space, the null page, the very top.
-        2 => 0xffff_c000_0dea_d000 + rng.below(0x1000),
-        3 => rng.below(0x1000),
-        4 => u64::MAX - rng.below(16),
+/// The guest kernel's function entries and data objects, from the real `nm`.
+struct GuestSymbols {
+    functions: Vec<u64>,
+    data: Vec<u64>,
+}
+
+impl GuestSymbols {
+    fn load() -> GuestSymbols {
+        let out = std::process::Command::new("nm")
+            .arg(guest_elf())
+            .output()
+            .expect("nm (binutils) must be installed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut symbols = GuestSymbols {
+            functions: Vec::new(),
+            data: Vec::new(),
+        };
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(addr), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(addr) = u64::from_str_radix(addr, 16) else {
+                continue;
+            };
+            if addr < 0xffff_ffff_8000_0000 {
+                continue;
+            }
+            match kind {
+                "T" | "t" => symbols.functions.push(addr),
+                "D" | "d" | "B" | "b" => symbols.data.push(addr),
+                _ => {}
+            }
+        }
+        assert!(!symbols.functions.is_empty() && !symbols.data.is_empty());
+        symbols
+    }
+
+    fn pick(list: &[u64], rng: &mut Rng) -> u64 {
+        list[rng.below(list.len() as u64) as usize]
+    }
+}
+
+/// Any kind of address: kernel functions and data, the kernel image at random, user space, unmapped, extremes.
+fn address(rng: &mut Rng, symbols: &GuestSymbols) -> u64 {
+    match rng.below(8) {
+        0 | 1 => GuestSymbols::pick(&symbols.functions, rng),
+        2 => GuestSymbols::pick(&symbols.data, rng) + rng.below(64),
+        3 => 0xffff_ffff_8010_0000 + rng.below(0x2_0000),
+        4 => 0x40_0000 + rng.below(0x2000),
+        5 => 0xffff_c000_0dea_d000 + rng.below(0x1000),
+        6 => [0, u64::MAX - 7, 0x8000_0000_0000_0000][rng.below(3) as usize],
         _ => rng.next(),
+    }
+}
+
+/// Mostly where a breakpoint or watchpoint keeps the guest alive (function entries, data), else anything.
+fn sensible_address(rng: &mut Rng, symbols: &GuestSymbols, data: bool) -> u64 {
+    match (rng.below(10), data) {
+        (0, _) => address(rng, symbols),
+        (_, false) => GuestSymbols::pick(&symbols.functions, rng),
+        (_, true) => GuestSymbols::pick(&symbols.data, rng),
     }
 }
 
@@ -55,6 +106,7 @@ fn random_requests_through_the_debug_target_never_panic() {
         .unwrap_or(0x5eed_1234_abcd_0001u64);
     println!("FUZZ_SEED={seed}");
     let mut rng = Rng(seed | 1);
+    let symbols = GuestSymbols::load();
 
     let kvm = vmm::open_kvm().expect("/dev/kvm");
     let caps = vmm::HostCaps::probe(&kvm).expect("probe");
@@ -93,20 +145,19 @@ fn random_requests_through_the_debug_target_never_panic() {
     let mut sw = Vec::new();
     let mut hw = Vec::new();
     let mut watches = Vec::new();
+    // How many requests succeeded, per kind: a fuzz run where nothing ever succeeds tests nothing.
+    let (mut reads_ok, mut sw_ok, mut watch_ok) = (0, 0, 0);
     for _ in 0..ITERATIONS {
         match rng.below(12) {
             0 => {
-                let mut actions: Vec<_> = (0..count)
-                    .filter(|_| rng.below(2) == 0)
-                    .map(|v| {
-                        let action = if rng.below(2) == 0 {
-                            ResumeAction::Step
-                        } else {
-                            ResumeAction::Continue
-                        };
-                        (v, action)
-                    })
-                    .collect();
+                let mut actions = Vec::new();
+                for v in 0..count {
+                    match rng.below(3) {
+                        0 => actions.push((v, ResumeAction::Step)),
+                        1 => actions.push((v, ResumeAction::Continue)),
+                        _ => {}
+                    }
+                }
                 if actions.is_empty() {
                     actions.push((vcpu(&mut rng, count), ResumeAction::Continue));
                 }
@@ -131,9 +182,10 @@ fn random_requests_through_the_debug_target_never_panic() {
             2 | 3 => {
                 let len = rng.below(5000) as usize;
                 let mut buf = vec![0u8; len];
-                let gva = address(&mut rng);
+                let gva = address(&mut rng, &symbols);
                 if let Ok(n) = target.read_memory(vcpu(&mut rng, count), gva, &mut buf) {
                     assert!(n <= len);
+                    reads_ok += 1;
                     // Writing back what was read changes nothing in the guest.
                     let _ = target.write_memory(0, gva, &buf[..n]);
                 }
@@ -145,9 +197,13 @@ fn random_requests_through_the_debug_target_never_panic() {
                 assert!(target.write_memory(0, gva, &data).is_err() || data.is_empty());
             }
             5 | 6 => {
-                let gva = address(&mut rng);
+                let gva = sensible_address(&mut rng, &symbols, false);
+                // Adding an address twice is a no-op success: one removal takes it out.
                 if target.as_sw_breakpoints().unwrap().add_sw_breakpoint(gva).is_ok() {
-                    sw.push(gva);
+                    sw_ok += 1;
+                    if !sw.contains(&gva) {
+                        sw.push(gva);
+                    }
                 }
             }
             7 => {
@@ -158,12 +214,12 @@ fn random_requests_through_the_debug_target_never_panic() {
                         .remove_sw_breakpoint(gva)
                         .expect("remove a planted breakpoint");
                 } else {
-                    let gva = address(&mut rng);
+                    let gva = address(&mut rng, &symbols);
                     assert!(target.as_sw_breakpoints().unwrap().remove_sw_breakpoint(gva).is_err());
                 }
             }
             8 => {
-                let gva = address(&mut rng);
+                let gva = address(&mut rng, &symbols);
                 let hw_bps = target.as_hw_breakpoints().unwrap();
                 if rng.below(2) == 0 {
                     if hw_bps.add_hw_breakpoint(gva).is_ok() && !hw.contains(&gva) {
@@ -179,8 +235,11 @@ fn random_requests_through_the_debug_target_never_panic() {
                     continue;
                 };
                 if rng.below(2) == 0 || watches.is_empty() {
-                    let (gva, len, k) = (address(&mut rng), rng.below(9000), kind(&mut rng));
+                    let gva = sensible_address(&mut rng, &symbols, true);
+                    let len = if rng.below(8) == 0 { rng.below(9000) } else { 1 + rng.below(16) };
+                    let (gva, len, k) = (gva, len, kind(&mut rng));
                     if wp.add_watchpoint(gva, len, k).is_ok() {
+                        watch_ok += 1;
                         watches.push((gva, len, k));
                     }
                 } else {
@@ -193,6 +252,9 @@ fn random_requests_through_the_debug_target_never_panic() {
             }
         }
     }
+
+    println!("succeeded: {reads_ok} memory reads, {sw_ok} breakpoints, {watch_ok} watchpoints");
+    assert!(reads_ok > 0 && sw_ok > 0, "the guest's kernel mappings were never usable");
 
     // Clean up and prove the target still works: the guest runs on with nothing installed.
     for gva in sw {
