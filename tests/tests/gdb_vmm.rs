@@ -18,12 +18,7 @@ const VMM_LIMIT: Duration = Duration::from_secs(120);
 const INTERRUPT_ATTEMPTS: usize = 30;
 
 /// Gets the guest from its first instruction to `kernel_spin` with paging on.
-const TO_KERNEL_SPIN: [&str; 4] = [
-    "set language c",
-    "hbreak kernel_spin",
-    "continue",
-    "delete",
-];
+const TO_KERNEL_SPIN: [&str; 4] = ["set language c", "hbreak kernel_spin", "continue", "delete"];
 
 fn is_pvm_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
@@ -138,12 +133,20 @@ fn run_gdb(address: &str, commands: &[&str]) -> String {
 
 /// The value of the last `$N = 0x...` line after `marker`.
 fn hex_value_after(out: &str, marker: &str) -> u64 {
-    let tail = &out[out.find(marker).unwrap_or_else(|| panic!("{marker:?} in:\n{out}"))..];
+    let tail = &out[out
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} in:\n{out}"))..];
     let line = tail
         .lines()
         .find(|l| l.starts_with('$') && l.contains(" = 0x"))
         .unwrap_or_else(|| panic!("no value after {marker:?}"));
-    let hex = line.split(" = 0x").nth(1).unwrap().split_whitespace().next().unwrap();
+    let hex = line
+        .split(" = 0x")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
     u64::from_str_radix(hex, 16).unwrap()
 }
 
@@ -182,17 +185,37 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
     assert_eq!(threads, 2, "info threads lists both vCPUs");
     assert!(out.contains("hit Breakpoint 2, guest::workload::kernel_leaf"));
     let frames: Vec<&str> = out.lines().filter(|l| l.starts_with('#')).collect();
-    let names = ["kernel_leaf", "kernel_stage2", "kernel_stage1", "kernel_spin"];
+    let names = [
+        "kernel_leaf",
+        "kernel_stage2",
+        "kernel_stage1",
+        "kernel_spin",
+    ];
     assert!(frames.len() >= 4, "bt shows 4 frames");
     for (frame, name) in frames.iter().zip(names) {
-        assert!(frame.contains(&format!("guest::workload::{name} ")), "{frame} is {name}");
+        assert!(
+            frame.contains(&format!("guest::workload::{name} ")),
+            "{frame} is {name}"
+        );
     }
-    let cr3 = out.lines().find(|l| l.starts_with("cr3 ")).expect("cr3 line");
+    let cr3 = out
+        .lines()
+        .find(|l| l.starts_with("cr3 "))
+        .expect("cr3 line");
     assert!(!cr3.contains(" 0x0 "), "paging is on: {cr3}");
-    let efer = out.lines().find(|l| l.starts_with("efer ")).expect("efer line");
+    let efer = out
+        .lines()
+        .find(|l| l.starts_with("efer "))
+        .expect("efer line");
     assert!(efer.contains("LMA"), "long mode: {efer}");
-    assert!(out.contains("<kernel_counter>:\t0x"), "x/4gx of a kernel address");
-    assert!(out.contains("hit Breakpoint 3, "), "hbreak kernel_stage2 hit");
+    assert!(
+        out.contains("<kernel_counter>:\t0x"),
+        "x/4gx of a kernel address"
+    );
+    assert!(
+        out.contains("hit Breakpoint 3, "),
+        "hbreak kernel_stage2 hit"
+    );
     let at = out
         .lines()
         .find(|l| l.contains("in section .text"))
@@ -208,11 +231,18 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
         .collect();
     let next = listing[1].split_whitespace().next().unwrap();
     let next = u64::from_str_radix(next.trim_start_matches("0x"), 16).unwrap();
-    assert_eq!(hex_value_after(&out, "after-stepi"), next, "stepi ran one instruction");
+    assert_eq!(
+        hex_value_after(&out, "after-stepi"),
+        next,
+        "stepi ran one instruction"
+    );
     assert!(out.contains("[Inferior 1 (process 1) detached]"));
     let (code, stdout, _) = vmm.finish();
     assert_eq!(code, Some(0), "the guest finished after detach");
-    assert!(stdout.contains("guest-counters:"), "the guest ran to its end");
+    assert!(
+        stdout.contains("guest-counters:"),
+        "the guest ran to its end"
+    );
 }
 
 #[test]

@@ -199,7 +199,12 @@ fn random_requests_through_the_debug_target_never_panic() {
             5 | 6 => {
                 let gva = sensible_address(&mut rng, &symbols, false);
                 // Adding an address twice is a no-op success: one removal takes it out.
-                if target.as_sw_breakpoints().unwrap().add_sw_breakpoint(gva).is_ok() {
+                if target
+                    .as_sw_breakpoints()
+                    .unwrap()
+                    .add_sw_breakpoint(gva)
+                    .is_ok()
+                {
                     sw_ok += 1;
                     if !sw.contains(&gva) {
                         sw.push(gva);
@@ -215,7 +220,11 @@ fn random_requests_through_the_debug_target_never_panic() {
                         .expect("remove a planted breakpoint");
                 } else {
                     let gva = address(&mut rng, &symbols);
-                    assert!(target.as_sw_breakpoints().unwrap().remove_sw_breakpoint(gva).is_err());
+                    assert!(target
+                        .as_sw_breakpoints()
+                        .unwrap()
+                        .remove_sw_breakpoint(gva)
+                        .is_err());
                 }
             }
             8 => {
@@ -226,7 +235,9 @@ fn random_requests_through_the_debug_target_never_panic() {
                         hw.push(gva);
                     }
                 } else if let Some(gva) = hw.pop() {
-                    hw_bps.remove_hw_breakpoint(gva).expect("remove an armed hw breakpoint");
+                    hw_bps
+                        .remove_hw_breakpoint(gva)
+                        .expect("remove an armed hw breakpoint");
                 }
                 assert!(hw.len() <= 4);
             }
@@ -236,7 +247,11 @@ fn random_requests_through_the_debug_target_never_panic() {
                 };
                 if rng.below(2) == 0 || watches.is_empty() {
                     let gva = sensible_address(&mut rng, &symbols, true);
-                    let len = if rng.below(8) == 0 { rng.below(9000) } else { 1 + rng.below(16) };
+                    let len = if rng.below(8) == 0 {
+                        rng.below(9000)
+                    } else {
+                        1 + rng.below(16)
+                    };
                     let (gva, len, k) = (gva, len, kind(&mut rng));
                     if wp.add_watchpoint(gva, len, k).is_ok() {
                         watch_ok += 1;
@@ -244,7 +259,8 @@ fn random_requests_through_the_debug_target_never_panic() {
                     }
                 } else {
                     let (gva, len, k) = watches.pop().unwrap();
-                    wp.remove_watchpoint(gva, len, k).expect("remove a set watchpoint");
+                    wp.remove_watchpoint(gva, len, k)
+                        .expect("remove a set watchpoint");
                 }
             }
             _ => {
@@ -254,17 +270,32 @@ fn random_requests_through_the_debug_target_never_panic() {
     }
 
     println!("succeeded: {reads_ok} memory reads, {sw_ok} breakpoints, {watch_ok} watchpoints");
-    assert!(reads_ok > 0 && sw_ok > 0, "the guest's kernel mappings were never usable");
+    assert!(
+        reads_ok > 0 && sw_ok > 0,
+        "the guest's kernel mappings were never usable"
+    );
 
     // Clean up and prove the target still works: the guest runs on with nothing installed.
     for gva in sw {
-        target.as_sw_breakpoints().unwrap().remove_sw_breakpoint(gva).expect("remove");
+        target
+            .as_sw_breakpoints()
+            .unwrap()
+            .remove_sw_breakpoint(gva)
+            .expect("remove");
     }
     for gva in hw {
-        target.as_hw_breakpoints().unwrap().remove_hw_breakpoint(gva).expect("remove");
+        target
+            .as_hw_breakpoints()
+            .unwrap()
+            .remove_hw_breakpoint(gva)
+            .expect("remove");
     }
     for (gva, len, k) in watches {
-        target.as_watchpoints().unwrap().remove_watchpoint(gva, len, k).expect("remove");
+        target
+            .as_watchpoints()
+            .unwrap()
+            .remove_watchpoint(gva, len, k)
+            .expect("remove");
     }
     while target.take_stop_event().is_some() {}
     let all: Vec<_> = (0..count).map(|v| (v, ResumeAction::Continue)).collect();

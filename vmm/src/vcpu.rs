@@ -8,7 +8,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use gdbstub_kvm::StopReason;
-use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
+use kvm_bindings::{
+    kvm_debug_exit_arch, kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -256,7 +258,10 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                match self.debug.mmio_access(&self.mem, addr, MmioData::Read(data)) {
+                match self
+                    .debug
+                    .mmio_access(&self.mem, addr, MmioData::Read(data))
+                {
                     // No MMIO devices: reads of unbacked guest-physical space return all-ones, like an empty bus.
                     MmioOutcome::NotWatched => data.fill(0xff),
                     MmioOutcome::Served => {}
@@ -398,18 +403,16 @@ impl Vcpu {
                 self.debug_report(StopReason::SwBreakpoint);
                 None
             }
-            InternalErrorAction::Fatal => {
-                Some(self.crash(format!(
-                    "KVM internal error: {} (suberror {}){}",
-                    exit::suberror_name(internal.suberror),
-                    internal.suberror,
-                    if bytes.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", instruction bytes {bytes:02x?}")
-                    }
-                )))
-            }
+            InternalErrorAction::Fatal => Some(self.crash(format!(
+                "KVM internal error: {} (suberror {}){}",
+                exit::suberror_name(internal.suberror),
+                internal.suberror,
+                if bytes.is_empty() {
+                    String::new()
+                } else {
+                    format!(", instruction bytes {bytes:02x?}")
+                }
+            ))),
         }
     }
 

@@ -147,12 +147,7 @@ impl DebugShared {
 
     /// Handles a guest access that exited as MMIO: on a watched page, performs it on guest memory (the store is
     /// applied, the load served) and says whether a watchpoint was hit.
-    pub fn mmio_access(
-        &self,
-        mem: &GuestMemoryMmap,
-        gpa: u64,
-        data: MmioData<'_>,
-    ) -> MmioOutcome {
+    pub fn mmio_access(&self, mem: &GuestMemoryMmap, gpa: u64, data: MmioData<'_>) -> MmioOutcome {
         let watches = lock(&self.watches);
         let page = gpa & !(PAGE_SIZE - 1);
         let on_watched_page = watches.iter().any(|c| {
@@ -212,7 +207,11 @@ mod tests {
         assert_eq!(w.hit(0x200c, 4, true), Some(0xffff_8000_0000_200c));
         assert_eq!(w.hit(0x2004, 8, true), Some(0xffff_8000_0000_2008));
         assert_eq!(w.hit(0x2000, 8, true), None, "next to the range");
-        assert_eq!(w.hit(0x2008, 8, false), None, "a load does not trip a write watch");
+        assert_eq!(
+            w.hit(0x2008, 8, false),
+            None,
+            "a load does not trip a write watch"
+        );
         let a = chunk(WatchKind::Access, 0x2008, 1);
         assert!(a.hit(0x2008, 1, false).is_some() && a.hit(0x2008, 1, true).is_some());
         let r = chunk(WatchKind::Read, 0x2008, 1);

@@ -305,7 +305,9 @@ impl DebugTarget for VmDebugTarget {
     }
 
     fn as_watchpoints(&mut self) -> Option<&mut dyn Watchpoints> {
-        self.caps.readonly_mem.then_some(self as &mut dyn Watchpoints)
+        self.caps
+            .readonly_mem
+            .then_some(self as &mut dyn Watchpoints)
     }
 
     fn vcpu_description(&mut self, vcpu: VcpuIndex) -> Option<String> {

@@ -147,7 +147,12 @@ impl Vcpu {
             return false;
         };
         let mut byte = [0u8; 1];
-        read_virt(&self.mem, &PagingContext::from_regs(&regs), regs.rip, &mut byte) == 1
+        read_virt(
+            &self.mem,
+            &PagingContext::from_regs(&regs),
+            regs.rip,
+            &mut byte,
+        ) == 1
             && byte[0] == HLT
     }
 
