@@ -329,14 +329,14 @@ fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
         );
     }
     // Interrupt as a Ctrl-C in gdb's terminal does, until gdb reports the stop: a SIGINT that lands before gdb
-    // has resumed the target only aborts a command in between, so send another.
-    for _ in 0..INTERRUPT_ATTEMPTS {
+    // has resumed the target only aborts a command in between, so send another after a quiet spell.
+    'interrupt: for _ in 0..INTERRUPT_ATTEMPTS {
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
         unsafe { libc::kill(gdb.id() as libc::pid_t, libc::SIGINT) };
-        if let Ok(line) = gdb_out.recv_timeout(Duration::from_secs(2)) {
+        while let Ok(line) = gdb_out.recv_timeout(Duration::from_secs(2)) {
             seen.push_str(&line);
             if seen.contains("received signal SIGINT") {
-                break;
+                break 'interrupt;
             }
         }
     }

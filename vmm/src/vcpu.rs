@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use gdbstub_kvm::StopReason;
+use gdbstub_kvm::{StopEvent, StopReason};
 use kvm_bindings::{
     kvm_debug_exit_arch, kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
@@ -483,14 +483,19 @@ impl Vcpu {
     /// With gdb attached, a crashed vCPU stops (SIGSEGV in gdb, state inspectable) instead of ending the VM;
     /// resuming it runs into the crash again, and once gdb is gone the crash ends the VM as usual.
     fn hold_crash_for_debugger(&mut self, end: VmEnd) -> Option<VmEnd> {
-        match &end {
-            VmEnd::Crash { reason, .. } if self.debug.session_active() => {
-                let description = reason.clone();
-                self.debug_report(StopReason::Crashed { description });
-                None
-            }
-            _ => Some(end),
-        }
+        let VmEnd::Crash { reason, .. } = &end else {
+            return Some(end);
+        };
+        let event = StopEvent {
+            vcpu: self.id,
+            reason: StopReason::Crashed {
+                description: reason.clone(),
+            },
+        };
+        let held = self
+            .debug
+            .report_if_attached(event, || self.set_state(VcpuState::Paused));
+        (!held).then_some(end)
     }
 }
 

@@ -11,10 +11,9 @@ mod target;
 mod vcpu_side;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use gdbstub_kvm::{StopQueue, StopReason, WatchKind};
+use gdbstub_kvm::{StopEvent, StopQueue, StopReason, WatchKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use server::{GdbServer, GdbServerError};
@@ -101,7 +100,9 @@ pub struct DebugShared {
     queue: StopQueue,
     sw_breakpoints: Mutex<BTreeMap<u64, SwBreakpoint>>,
     watches: Mutex<Vec<WatchChunk>>,
-    session_active: AtomicBool,
+    /// Whether a gdb is attached. A lock rather than an atomic: a vCPU decides to hold a crash for gdb and
+    /// queues it under it, so a session cannot end in between and leave the vCPU parked for nobody.
+    session_active: Mutex<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,7 +116,7 @@ impl DebugShared {
             queue: StopQueue::new()?,
             sw_breakpoints: Mutex::new(BTreeMap::new()),
             watches: Mutex::new(Vec::new()),
-            session_active: AtomicBool::new(false),
+            session_active: Mutex::new(false),
         })
     }
 
@@ -125,11 +126,29 @@ impl DebugShared {
 
     /// A gdb is attached (between the start and the end of `serve`).
     pub fn session_active(&self) -> bool {
-        self.session_active.load(Ordering::Acquire)
+        *lock(&self.session_active)
     }
 
-    pub(crate) fn set_session_active(&self, active: bool) {
-        self.session_active.store(active, Ordering::Release);
+    pub(crate) fn begin_session(&self) {
+        *lock(&self.session_active) = true;
+    }
+
+    /// Marks the session over and returns the stops queued since the stub's last look (vCPUs that parked for a
+    /// gdb that is gone now).
+    pub(crate) fn end_session(&self) -> Vec<StopEvent> {
+        let mut active = lock(&self.session_active);
+        *active = false;
+        std::iter::from_fn(|| self.queue.take()).collect()
+    }
+
+    /// Queues `event` after `park` if a gdb is attached; says whether it did.
+    pub(crate) fn report_if_attached(&self, event: StopEvent, park: impl FnOnce()) -> bool {
+        let active = lock(&self.session_active);
+        if *active {
+            park();
+            self.queue.push(event);
+        }
+        *active
     }
 
     /// Whether the debugger planted the int3 at this guest virtual address.

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use gdbstub_kvm::{GdbAddress, GdbListener, SessionEnd, StopEvent, StopReason};
+use gdbstub_kvm::{
+    DebugTarget, GdbAddress, GdbListener, ResumeAction, SessionEnd, StopEvent, StopReason,
+};
 
 use super::{DebugShared, VmDebugTarget};
 use crate::exit::VmEnd;
@@ -100,9 +102,13 @@ fn serve_sessions(
                 continue;
             }
         };
-        shared.set_session_active(true);
+        shared.begin_session();
         let end = gdbstub_kvm::serve(connection, &mut target);
-        shared.set_session_active(false);
+        // A vCPU that stopped after the stub resumed everything (typically one that crashed again) is parked for
+        // a gdb that is gone: run it on; a crash now ends the VM.
+        for held in shared.end_session() {
+            let _ = target.resume(&[(held.vcpu, ResumeAction::Continue)]);
+        }
         let _ = ended.send(());
         match end {
             Ok(SessionEnd::TargetExited { .. }) => return,
