@@ -296,7 +296,7 @@ fn watchpoints_by_page_protection_report_values() {
 #[test]
 fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
     let vmm = Vmm::start("work=kernel_spin:50,user_hot_a:50 secs=2", "2");
-    let mut gdb = gdb_command(
+    let mut gdb_cmd = gdb_command(
         &vmm.address,
         &[
             TO_KERNEL_SPIN[0],
@@ -312,14 +312,18 @@ fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
             "monitor info vcpus",
             "detach",
         ],
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("gdb must be installed (/usr/bin/gdb)");
-    let gdb_out = collect_lines(gdb.stdout.take().unwrap());
-    let gdb_err = collect_lines(gdb.stderr.take().unwrap());
+    );
+    // One pipe for stdout and stderr keeps gdb's own order (target output such as `monitor` goes to stderr).
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut gdb = gdb_cmd
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().expect("pipe"))
+        .stderr(writer)
+        .spawn()
+        .expect("gdb must be installed (/usr/bin/gdb)");
+    // Close our copies of the write end (the Command holds them), so the reader sees gdb's end.
+    drop(gdb_cmd);
+    let gdb_out = collect_lines(reader);
     let mut seen = String::new();
     while !seen.contains("second-continue") {
         seen.push_str(
@@ -341,8 +345,9 @@ fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
         }
     }
     let _ = gdb.wait();
-    let out = seen + &gdb_out.iter().collect::<String>() + &gdb_err.iter().collect::<String>();
+    let out = seen + &gdb_out.iter().collect::<String>();
     println!("--- gdb output ---\n{out}");
+    let (code, _, stderr) = vmm.finish();
     if is_pvm_host() {
         assert!(out.contains("Cannot insert breakpoint 2"), "refused in gdb");
     } else {
@@ -354,7 +359,6 @@ fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
         .filter(|l| l.starts_with("vCPU ") && l.ends_with(" stopped"))
         .count();
     assert_eq!(stopped, 2, "all-stop: both vCPUs stopped");
-    let (code, _, stderr) = vmm.finish();
     if is_pvm_host() {
         assert!(
             stderr.contains("user-space (ring-3) code"),
