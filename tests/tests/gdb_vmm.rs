@@ -310,6 +310,9 @@ fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
             "continue",
             "info threads",
             "monitor info vcpus",
+            "echo cpl=\n",
+            "p $cs & 3",
+            "stepi",
             "detach",
         ],
     );
@@ -359,6 +362,18 @@ fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
         .filter(|l| l.starts_with("vCPU ") && l.ends_with(" stopped"))
         .count();
     assert_eq!(stopped, 2, "all-stop: both vCPUs stopped");
+    // The interrupted vCPU is in ring 3 (user_hot_a) or ring 0 (kernel_spin, interrupts): on PVM a step is
+    // refused in ring 3 and done in ring 0.
+    let cpl_line = out[out.find("cpl=").expect("cpl marker")..]
+        .lines()
+        .find(|l| l.starts_with('$'))
+        .expect("p $cs & 3");
+    let refused = out.contains("cannot be stepped from the VMM");
+    if is_pvm_host() && cpl_line.ends_with("= 3") {
+        assert!(refused, "a ring-3 step is refused with a message");
+    } else {
+        assert!(!refused, "{cpl_line}: the step is done");
+    }
     if is_pvm_host() {
         assert!(
             stderr.contains("user-space (ring-3) code"),
