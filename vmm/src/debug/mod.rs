@@ -5,6 +5,7 @@
 //! lives in [`DebugShared`]; every vCPU holds it whether or not a debugger ever attaches, so the hooks in
 //! `vcpu.rs` cost a lock only on the exits they handle.
 
+mod dr;
 mod server;
 mod slots;
 mod target;

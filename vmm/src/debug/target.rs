@@ -12,15 +12,13 @@ use kvm_bindings::{
 };
 use vm_memory::{Bytes, GuestAddress};
 
+use super::dr::{self, Slot, SlotUse};
 use super::{protections, DebugResume, DebugShared, MemorySlots, SwBreakpoint, WatchChunk};
 use crate::paging::{self, PagingContext};
 use crate::probe::HostCaps;
 use crate::vcpu::{VcpuError, VcpuRequest, VcpuState};
 use crate::vm::VmControl;
 
-const HW_SLOTS: usize = 4;
-/// DR7: GE plus the always-one bit 10, as the host measurements armed it.
-const DR7_BASE: u64 = 0x600;
 const INT3: u8 = 0xcc;
 const CR0_PG: u64 = 1 << 31;
 
@@ -30,7 +28,8 @@ pub struct VmDebugTarget {
     shared: Arc<DebugShared>,
     caps: HostCaps,
     slots: MemorySlots,
-    hw_breakpoints: [Option<u64>; HW_SLOTS],
+    /// DR0-DR3: hardware breakpoints, and watchpoints where the host delivers data breakpoints.
+    dr_slots: [Option<Slot>; dr::SLOTS],
     /// Per vCPU: the RIP of the hardware breakpoint it was last reported stopped on.
     hw_stops: Vec<Option<u64>>,
 }
@@ -45,7 +44,7 @@ impl VmDebugTarget {
             shared: control.debug_shared(),
             slots: control.memory_slots(),
             caps,
-            hw_breakpoints: [None; HW_SLOTS],
+            dr_slots: [None; dr::SLOTS],
             hw_stops: vec![None; control.vcpu_count()],
             control,
         }
@@ -117,17 +116,11 @@ impl VmDebugTarget {
         if !self.shared.sw_breakpoints().is_empty() {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
         }
-        let mut dr7 = 0;
-        for (slot, addr) in self.hw_breakpoints.iter().enumerate() {
-            if let Some(addr) = addr {
-                dbg.arch.debugreg[slot] = *addr;
-                // Gn, execute (RW=00), length 1 (LEN=00).
-                dr7 |= 2 << (slot * 2);
-            }
-        }
+        let (addrs, dr7) = dr::encode(&self.dr_slots);
         if dr7 != 0 {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
-            dbg.arch.debugreg[7] = DR7_BASE | dr7;
+            dbg.arch.debugreg[..dr::SLOTS].copy_from_slice(&addrs);
+            dbg.arch.debugreg[7] = dr7;
         }
         dbg
     }
@@ -148,6 +141,32 @@ impl VmDebugTarget {
         }
         for event in kept {
             queue.push(event);
+        }
+    }
+
+    fn take_dr_slot(&mut self, slot: Slot) -> Result<(), TargetError> {
+        let free = self
+            .dr_slots
+            .iter_mut()
+            .find(|s| s.is_none())
+            .ok_or_else(|| {
+                TargetError::refused(format!(
+                    "all {} debug registers (DR0-DR3) are in use by hardware breakpoints or watchpoints",
+                    dr::SLOTS
+                ))
+            })?;
+        *free = Some(slot);
+        Ok(())
+    }
+
+    /// Frees the slot holding exactly this; false if none does.
+    fn release_dr_slot(&mut self, slot: Slot) -> bool {
+        match self.dr_slots.iter_mut().find(|s| **s == Some(slot)) {
+            Some(found) => {
+                *found = None;
+                true
+            }
+            None => false,
         }
     }
 
@@ -356,35 +375,33 @@ impl SwBreakpoints for VmDebugTarget {
 
 impl HwBreakpoints for VmDebugTarget {
     fn hw_breakpoint_slots(&self) -> usize {
-        HW_SLOTS
+        dr::SLOTS
     }
 
     fn add_hw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
         self.refuse_user_code(gva, "hardware breakpoint")?;
-        if self.hw_breakpoints.contains(&Some(gva)) {
+        let slot = Slot {
+            addr: gva,
+            what: SlotUse::Execute,
+        };
+        if self.dr_slots.contains(&Some(slot)) {
             return Ok(());
         }
-        let slot = self
-            .hw_breakpoints
-            .iter_mut()
-            .find(|s| s.is_none())
-            .ok_or_else(|| {
-                TargetError::refused(format!(
-                    "all {HW_SLOTS} hardware breakpoint slots (DR0-DR3) are in use"
-                ))
-            })?;
-        *slot = Some(gva);
-        Ok(())
+        self.take_dr_slot(slot)
     }
 
     fn remove_hw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
-        let slot = self
-            .hw_breakpoints
-            .iter_mut()
-            .find(|s| **s == Some(gva))
-            .ok_or_else(|| TargetError::refused(format!("no hardware breakpoint at {gva:#x}")))?;
-        *slot = None;
-        Ok(())
+        let slot = Slot {
+            addr: gva,
+            what: SlotUse::Execute,
+        };
+        if self.release_dr_slot(slot) {
+            Ok(())
+        } else {
+            Err(TargetError::refused(format!(
+                "no hardware breakpoint at {gva:#x}"
+            )))
+        }
     }
 }
 
@@ -394,6 +411,16 @@ impl Watchpoints for VmDebugTarget {
             return Err(TargetError::refused(format!(
                 "invalid watch range {gva:#x}+{len}"
             )));
+        }
+        let data_slot = Slot {
+            addr: gva,
+            what: SlotUse::Data { kind, len },
+        };
+        if self.caps.data_breakpoints
+            && dr::data_watch_fits(gva, len, kind)
+            && self.take_dr_slot(data_slot).is_ok()
+        {
+            return Ok(());
         }
         let mut chunks = Vec::new();
         let mut done = 0;
@@ -427,6 +454,13 @@ impl Watchpoints for VmDebugTarget {
         len: u64,
         kind: WatchKind,
     ) -> Result<(), TargetError> {
+        let data_slot = Slot {
+            addr: gva,
+            what: SlotUse::Data { kind, len },
+        };
+        if self.release_dr_slot(data_slot) {
+            return Ok(());
+        }
         {
             let mut watches = self.shared.watches();
             let before = watches.len();

@@ -7,14 +7,13 @@ use kvm_bindings::{
     KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 
+use super::dr;
 use crate::paging::{read_virt, PagingContext};
 use crate::vcpu::{Vcpu, VcpuState};
 
 const HLT: u8 = 0xf4;
 /// x86 #BP.
 const BP_VECTOR: u32 = 3;
-/// DR6 B0-B3: which hardware breakpoint fired.
-const DR6_BREAKPOINT_HITS: u64 = 0xf;
 
 /// What the gdb thread asks of one vCPU when it resumes it.
 #[derive(Debug, Clone, Copy)]
@@ -134,8 +133,10 @@ impl Vcpu {
                     });
                 }
             }
-        } else if arch.dr6 & DR6_BREAKPOINT_HITS != 0 {
-            self.debug_report(StopReason::HwBreakpoint);
+        } else if let Some(reason) = dr::decode_hit(&self.debug_state.armed.arch.debugreg, arch.dr6)
+        {
+            // Execute breakpoints stop before the instruction, data breakpoints (traps) after the access.
+            self.debug_report(reason);
         } else if self.debug.session_active() {
             self.debug_report(StopReason::Paused);
         }
