@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,7 +9,7 @@ use perf_kvm::perf_data::{GuestUserMap, PerfDataWriter, RecordMeta};
 use vmm::sampler::SamplerConfig;
 use vmm::SampleLoss;
 
-use crate::vm_source::{self, StartedVm};
+use crate::vm_source::{self, Feed, SampleFeed, StartedVm};
 
 #[derive(clap::Args)]
 pub struct RecordArgs {
@@ -29,6 +28,9 @@ pub struct RecordArgs {
     /// Hardware event to sample (needs a host PMU); the default sampler needs none.
     #[arg(short = 'e', long = "event")]
     event: Option<String>,
+    /// Benchmarks only: kick the vCPUs at the rate but take no samples (the bare cost of the forced exits).
+    #[arg(long, hide = true)]
+    kick_only: bool,
     /// Attach to a running VM's control socket.
     #[arg(long = "vm")]
     vm: Option<PathBuf>,
@@ -37,12 +39,13 @@ pub struct RecordArgs {
     vmm_args: Vec<String>,
 }
 
-/// Highest rate accepted: kicks saturate near 15-20k exits/s per host on PVM; far beyond that nothing is gained.
-const MAX_FREQ: u32 = 50_000;
-
 pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
-    if args.freq == 0 || args.freq > MAX_FREQ {
-        anyhow::bail!("-F must be between 1 and {MAX_FREQ} Hz (got {})", args.freq);
+    if args.freq == 0 || args.freq > vmm::sampler::MAX_FREQUENCY_HZ {
+        anyhow::bail!(
+            "-F must be between 1 and {} Hz (got {})",
+            vmm::sampler::MAX_FREQUENCY_HZ,
+            args.freq
+        );
     }
     if let Some(ev) = &args.event {
         if ev != "cpu-clock" {
@@ -52,22 +55,34 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             );
         }
     }
-    if args.vm.is_some() {
-        anyhow::bail!(
-            "--vm (attaching to a running VM) is not supported yet; start the VM with `-- run ...`"
-        );
-    }
     vm_source::install_interrupt_handlers();
-    let sampler = SamplerConfig {
-        frequency_hz: args.freq,
-        callchains: args.callchains,
-        queue_capacity: 1 << 16,
+    let (vm, feed, meta) = match &args.vm {
+        Some(socket) => {
+            if !args.vmm_args.is_empty() {
+                anyhow::bail!("give either --vm SOCKET or `-- run ...`, not both");
+            }
+            let mut client = vmm::control::ControlClient::connect(socket)?;
+            let info = client.call(vmm::control::Request::Info)?;
+            let kernel = PathBuf::from(info["info"]["kernel"].as_str().unwrap_or_default());
+            let vcpus = info["info"]["vcpus"].as_u64().unwrap_or(1) as u32;
+            let feed = SampleFeed::attach(socket, args.freq, args.callchains)?;
+            (None, feed, record_meta(&args, &kernel, vcpus))
+        }
+        None => {
+            let sampler = SamplerConfig {
+                frequency_hz: args.freq,
+                callchains: args.callchains,
+                queue_capacity: 1 << 16,
+                kick_only: args.kick_only,
+            };
+            let mut vm = StartedVm::start(&args.vmm_args, Some(sampler))?;
+            let stream = vm.stream.take().expect("sampling was configured");
+            let meta = record_meta(&args, &vm.run_args.kernel, vm.control.vcpu_count() as u32);
+            (Some(vm), SampleFeed::InProcess(stream), meta)
+        }
     };
-    let mut vm = StartedVm::start(&args.vmm_args, Some(sampler))?;
-    let meta = record_meta(&args, &vm);
     let mut writer = PerfDataWriter::create(&args.output, &meta)
         .with_context(|| format!("creating {}", args.output.display()))?;
-    let stream = vm.stream.take().expect("sampling was configured");
     let started = Instant::now();
     let deadline = args
         .duration
@@ -76,23 +91,25 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     let mut reported_loss = SampleLoss::default();
     let mut last_progress = Instant::now();
     let mut write_error = None;
+    let mut ended = false;
     loop {
-        match stream.rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(sample) => {
+        match feed.next(Duration::from_millis(100)) {
+            Feed::Sample(sample) => {
                 if let Err(e) = writer.write_sample(&sample) {
                     write_error = Some(e);
                     break;
                 }
                 samples += 1;
             }
-            Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => {}
+            Feed::Ended => ended = true,
+            Feed::Idle => {}
         }
-        let stop = vm.has_ended()
+        let stop = ended
+            || vm.as_ref().is_some_and(|v| v.has_ended())
             || vm_source::interrupted()
             || deadline.is_some_and(|d| Instant::now() >= d);
         if last_progress.elapsed() >= Duration::from_secs(1) || stop {
-            let loss = stream.loss.snapshot();
+            let loss = feed.loss();
             if let Err(e) = writer
                 .write_lost(
                     &loss_delta(&loss, &reported_loss),
@@ -111,46 +128,55 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             break;
         }
     }
-    let end = vm.finish();
-    // Samples already queued when the VM stopped still belong to the recording.
-    while write_error.is_none() {
-        let Ok(sample) = stream.rx.try_recv() else {
-            break;
-        };
-        match writer.write_sample(&sample) {
-            Ok(()) => samples += 1,
-            Err(e) => write_error = Some(e),
+    if let Some(vm) = vm {
+        let end = vm.finish();
+        // Samples already queued when the VM stopped still belong to the recording.
+        while write_error.is_none() {
+            let Feed::Sample(sample) = feed.next(Duration::ZERO) else {
+                break;
+            };
+            match writer.write_sample(&sample) {
+                Ok(()) => samples += 1,
+                Err(e) => write_error = Some(e),
+            }
+        }
+        eprintln!();
+        vm_source::report_end(&end);
+    } else {
+        eprintln!();
+        if let Some(err) = feed.error() {
+            eprintln!("perf-kvm: the control stream broke off: {err}");
         }
     }
-    eprintln!();
-    vm_source::report_end(&end);
     if let Some(e) = write_error {
         return Err(anyhow::Error::new(e).context(format!(
             "writing {} failed; the samples before the failure are in the file (perf-kvm report reads it)",
             args.output.display()
         )));
     }
+    let loss = feed.loss();
+    let final_delta = loss_delta(&loss, &reported_loss);
+    writer.write_lost(&final_delta, started.elapsed().as_nanos() as u64)?;
     writer
         .finish()
         .with_context(|| format!("finishing {}", args.output.display()))?;
     let size = std::fs::metadata(&args.output)
         .map(|m| m.len())
         .unwrap_or(0);
-    let loss = stream.loss.snapshot();
     eprintln!(
         "[ perf-kvm record: Captured and wrote {:.3} MB {} ({samples} samples, {} lost) ]",
         size as f64 / 1e6,
         args.output.display(),
-        loss_total(&loss)
+        loss.lost()
     );
     Ok(0)
 }
 
-fn record_meta(args: &RecordArgs, vm: &StartedVm) -> RecordMeta {
-    let kernel = &vm.run_args.kernel;
+fn record_meta(args: &RecordArgs, kernel: &Path, nr_vcpus: u32) -> RecordMeta {
+    let kernel = &std::fs::canonicalize(kernel).unwrap_or_else(|_| kernel.to_path_buf());
     let (kernel_range, user_maps) = elf_layout(kernel);
     RecordMeta {
-        nr_vcpus: vm.control.vcpu_count() as u32,
+        nr_vcpus,
         freq_hz: args.freq as u64,
         callchains: args.callchains,
         guest_kernel_build_id: None,
@@ -183,7 +209,7 @@ fn elf_layout(path: &Path) -> (Option<std::ops::Range<u64>>, Vec<GuestUserMap>) 
             let r = kernel.get_or_insert(start..start + len);
             r.start = r.start.min(start);
             r.end = r.end.max(start + len);
-        } else if start >= 0x1000 && start < 0x0000_8000_0000_0000 {
+        } else if (0x1000..0x0000_8000_0000_0000).contains(&start) {
             let (pgoff, _) = seg.file_range();
             user.push(GuestUserMap {
                 start,
@@ -196,14 +222,10 @@ fn elf_layout(path: &Path) -> (Option<std::ops::Range<u64>>, Vec<GuestUserMap>) 
     (kernel, user)
 }
 
-fn loss_total(l: &SampleLoss) -> u64 {
-    l.queue_full + l.vcpu_not_running + l.ticks_skipped
-}
-
 fn loss_delta(now: &SampleLoss, before: &SampleLoss) -> SampleLoss {
     SampleLoss {
         queue_full: now.queue_full - before.queue_full,
-        vcpu_not_running: now.vcpu_not_running - before.vcpu_not_running,
+        idle_ticks: now.idle_ticks - before.idle_ticks,
         ticks_skipped: now.ticks_skipped - before.ticks_skipped,
     }
 }
@@ -214,7 +236,7 @@ fn progress(samples: u64, loss: &SampleLoss, elapsed: Duration) {
     let _ = write!(
         err,
         "\r[ perf-kvm record: {samples} samples, {} lost, {rate:.0} samples/s ]",
-        loss_total(loss)
+        loss.lost()
     );
     let _ = err.flush();
 }

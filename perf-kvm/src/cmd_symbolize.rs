@@ -44,6 +44,7 @@ fn parse_hex(text: &str) -> Result<u64, String> {
 
 pub fn run(args: SymbolizeArgs) -> anyhow::Result<i32> {
     let symbolizer = build_symbolizer(&args)?;
+    let initial_warnings = symbolizer.warnings().len();
     for warning in symbolizer.warnings() {
         eprintln!("perf-kvm: warning: {warning}");
     }
@@ -74,6 +75,10 @@ pub fn run(args: SymbolizeArgs) -> anyhow::Result<i32> {
         }
     }
     out.flush()?;
+    // Lookups can uncover more (corrupt DWARF units are only met when first used).
+    for warning in symbolizer.warnings().into_iter().skip(initial_warnings) {
+        eprintln!("perf-kvm: warning: {warning}");
+    }
     Ok(0)
 }
 
@@ -121,7 +126,7 @@ fn build_symbolizer(args: &SymbolizeArgs) -> anyhow::Result<Symbolizer> {
 }
 
 fn parse_build_id(hex: &str) -> anyhow::Result<Vec<u8>> {
-    if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!("--guest-build-id {hex:?} is not an even number of hex digits");
     }
     (0..hex.len())

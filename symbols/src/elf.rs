@@ -6,16 +6,17 @@
 //! `.rela.debug_*` in a distribution vmlinux are never read.
 
 use std::borrow::Cow;
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
-use addr2line::LookupResult;
 use object::{
     Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind,
 };
 
-use crate::symtab::{RawSymbol, SymbolTable, TableSymbol};
+use crate::discriminator::DiscriminatorCache;
+use crate::symtab::{RawSymbol, SymbolTable};
 use crate::Frame;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +27,7 @@ pub enum ElfError {
     Map(#[source] std::io::Error),
     #[error("not a valid ELF file")]
     Parse(#[source] object::Error),
-    #[error("unsupported object kind {0:?} (want an executable, shared object, relocatable or core-less ELF)")]
+    #[error("unsupported object kind {0:?} (want an executable, a shared object or a relocatable object)")]
     UnsupportedKind(ObjectKind),
     #[error("has neither sections nor loadable segments: nothing to symbolize")]
     NoAddressRanges,
@@ -37,12 +38,17 @@ type Slice = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
 struct DwarfContext {
     // Declared before `_decompressed` so it is dropped first: it may borrow from those buffers.
     context: addr2line::Context<Slice>,
+    discriminators: DiscriminatorCache,
+    /// Units addr2line will silently skip (bad header or abbreviations): their code has no line info.
+    unit_problems: Option<String>,
     _decompressed: Vec<Box<[u8]>>,
 }
 
 pub(crate) struct ElfObject {
-    // Field order is drop order: `dwarf` and `symtab` hold data borrowed from `map`, which must outlive them.
+    // Field order is drop order: `dwarf` holds data borrowed from `_backing`, which must outlive it.
     dwarf: OnceCell<Result<DwarfContext, String>>,
+    lookup_errors: Cell<usize>,
+    first_lookup_error: RefCell<Option<String>>,
     symtab: SymbolTable,
     /// Sorted, non-overlapping link-time `[start, end)` ranges of allocated sections.
     ranges: Vec<(u64, u64)>,
@@ -50,44 +56,96 @@ pub(crate) struct ElfObject {
     relocatable: bool,
     pub name: String,
     pub bias: u64,
-    /// `'static` is a lie confined to this module: the slice lives exactly as long as `map`.
+    /// `'static` is a lie confined to this module: the slice lives exactly as long as `_backing`.
     data: &'static [u8],
-    _map: memmap2::Mmap,
+    _backing: Backing,
+}
+
+enum Backing {
+    Mapped(memmap2::Mmap),
+    Owned(Box<[u8]>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(map) => map,
+            Backing::Owned(bytes) => bytes,
+        }
+    }
 }
 
 impl ElfObject {
-    pub fn open(path: &Path, bias: u64) -> Result<Self, ElfError> {
+    /// `layout`: for a relocatable object (`.ko`), where the guest placed each section (by name); without it,
+    /// `.text` is placed at `bias`. Ignored for executables, which carry their own addresses.
+    pub fn open(
+        path: &Path,
+        bias: u64,
+        layout: Option<&HashMap<String, u64>>,
+    ) -> Result<Self, ElfError> {
         let file = File::open(path).map_err(ElfError::Open)?;
         // SAFETY: the mapping is read-only and private to this object. If another process truncates or rewrites the
         // file while it is mapped, reads may fault or return new bytes; that is the accepted contract of every
         // mmap-based symbolizer (addr2line, perf), and symbol files are not rewritten in place in practice.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(ElfError::Map)?;
-        // SAFETY: the mapping's address is fixed for its lifetime and does not move when `ElfObject` moves. The
-        // slice is stored next to `map`, only handed out with lifetimes bounded by `&self`, and every structure
-        // borrowing it (`dwarf`, `symtab` strings are owned) is declared before `map` and so dropped before it.
-        let data: &'static [u8] = unsafe { std::slice::from_raw_parts(map.as_ptr(), map.len()) };
+        Self::from_backing(
+            path.display().to_string(),
+            Backing::Mapped(map),
+            bias,
+            layout,
+        )
+    }
+
+    /// An ELF image already in memory (e.g. read from guest memory, or a fuzzer's input).
+    pub fn from_bytes(name: String, bytes: Vec<u8>, bias: u64) -> Result<Self, ElfError> {
+        Self::from_backing(name, Backing::Owned(bytes.into_boxed_slice()), bias, None)
+    }
+
+    fn from_backing(
+        name: String,
+        backing: Backing,
+        mut bias: u64,
+        layout: Option<&HashMap<String, u64>>,
+    ) -> Result<Self, ElfError> {
+        let bytes = backing.bytes();
+        // SAFETY: both backings keep their bytes at a fixed address for their lifetime (a mapping does not move; a
+        // boxed slice's heap buffer does not move when the box moves), and the backing is stored in the returned
+        // object. The slice is only handed out with lifetimes bounded by `&self`, and every field borrowing it
+        // (`dwarf`) is declared before `_backing` and so dropped before it.
+        let data: &'static [u8] =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len()) };
         let obj = object::File::parse(data).map_err(ElfError::Parse)?;
         let relocatable = match obj.kind() {
             ObjectKind::Executable | ObjectKind::Dynamic => false,
             ObjectKind::Relocatable => true,
             other => return Err(ElfError::UnsupportedKind(other)),
         };
-        let ranges = address_ranges(&obj, relocatable);
+        let placement = if relocatable {
+            let text_only = HashMap::from([(".text".to_owned(), bias)]);
+            // Placed sections carry final addresses: no bias on top.
+            bias = 0;
+            Some(section_placement(&obj, layout.unwrap_or(&text_only)))
+        } else {
+            None
+        };
+        let ranges = address_ranges(&obj, placement.as_deref());
         if ranges.is_empty() {
             return Err(ElfError::NoAddressRanges);
         }
-        let symtab = read_symbols(&obj, relocatable);
+        let symtab = read_symbols(&obj, placement.as_deref());
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
         Ok(ElfObject {
             dwarf: OnceCell::new(),
+            lookup_errors: Cell::new(0),
+            first_lookup_error: RefCell::new(None),
             symtab,
             ranges,
             build_id,
             relocatable,
-            name: path.display().to_string(),
+            name,
             bias,
             data,
-            _map: map,
+            _backing: backing,
         })
     }
 
@@ -103,8 +161,30 @@ impl ElfObject {
         after > 0 && link_addr < self.ranges[after - 1].1
     }
 
-    pub fn symbols(&self) -> impl Iterator<Item = &TableSymbol> {
-        self.symtab.iter()
+    /// Every defined symbol's (name, link-time address), aliases included (the lookup table keeps one name per
+    /// address). Re-reads the symbol table: meant for one-off checks, not lookups.
+    pub fn named_addresses(&self) -> Vec<(&str, u64)> {
+        let Ok(obj) = object::File::parse(self.data) else {
+            return Vec::new();
+        };
+        let mut symbols: Vec<_> = obj.symbols().collect();
+        if symbols.is_empty() {
+            symbols = obj.dynamic_symbols().collect();
+        }
+        symbols
+            .iter()
+            .filter(|s| s.is_definition() || s.kind() == SymbolKind::Unknown)
+            .filter(|s| s.section_index().is_some())
+            .filter_map(|s| Some((s.name().ok()?, s.address())))
+            .filter(|(name, _)| !name.is_empty())
+            .collect()
+    }
+
+    pub fn address_of(&self, name: &str) -> Option<u64> {
+        self.named_addresses()
+            .into_iter()
+            .find(|&(n, _)| n == name)
+            .map(|(_, a)| a)
     }
 
     /// Frames for a link-time address, innermost first. Empty when neither DWARF nor the symbol table knows it.
@@ -130,6 +210,7 @@ impl ElfObject {
                         file: None,
                         line: None,
                         column: None,
+                        discriminator: None,
                         inlined: false,
                     });
                 }
@@ -138,12 +219,28 @@ impl ElfObject {
         frames
     }
 
-    /// The DWARF parse error, if parsing was attempted and failed.
-    pub fn dwarf_error(&self) -> Option<&str> {
-        self.dwarf
-            .get()
-            .and_then(|r| r.as_ref().err())
-            .map(String::as_str)
+    /// What went wrong with this file's DWARF so far: a failed parse, or lookups that hit corrupt entries.
+    pub fn dwarf_problem(&self) -> Option<String> {
+        match self.dwarf.get() {
+            Some(Err(e)) => return Some(format!("DWARF unusable, symbol table only: {e}")),
+            Some(Ok(DwarfContext {
+                unit_problems: Some(problem),
+                ..
+            })) => return Some(problem.clone()),
+            _ => {}
+        }
+        let count = self.lookup_errors.get();
+        let first = self.first_lookup_error.borrow();
+        first.as_ref().map(|first| {
+            format!("{count} lookup(s) hit corrupt DWARF and fell back to the symbol table (first: {first})")
+        })
+    }
+
+    fn note_lookup_error(&self, link_addr: u64, error: gimli::Error) {
+        self.lookup_errors.set(self.lookup_errors.get() + 1);
+        self.first_lookup_error
+            .borrow_mut()
+            .get_or_insert_with(|| format!("{link_addr:#x}: {error}"));
     }
 
     fn dwarf_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
@@ -154,18 +251,25 @@ impl ElfObject {
         let Ok(dwarf) = self.dwarf.get_or_init(|| load_dwarf(self.data)) else {
             return Vec::new();
         };
-        let mut iter = match dwarf.context.find_frames(link_addr) {
-            LookupResult::Output(Ok(iter)) => iter,
-            // Corrupt DWARF for this address: fall back to the symbol table rather than failing the batch.
-            LookupResult::Output(Err(_)) => return Vec::new(),
-            load @ LookupResult::Load { .. } => match load.skip_all_loads() {
-                Ok(iter) => iter,
-                Err(_) => return Vec::new(),
-            },
+        // Corrupt DWARF for this address: fall back to the symbol table rather than failing the batch, and say so.
+        let mut iter = match dwarf.context.find_frames(link_addr).skip_all_loads() {
+            Ok(iter) => iter,
+            Err(e) => {
+                self.note_lookup_error(link_addr, e);
+                return Vec::new();
+            }
         };
         let mut frames = Vec::new();
-        // A corrupt DIE mid-chain ends the chain; the frames found so far are still right.
-        while let Ok(Some(frame)) = iter.next() {
+        loop {
+            let frame = match iter.next() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    // A corrupt DIE mid-chain ends the chain; the frames found so far are still right.
+                    self.note_lookup_error(link_addr, e);
+                    break;
+                }
+            };
             let function = frame.function.as_ref().and_then(|name| {
                 let name = if demangle {
                     name.demangle()
@@ -184,11 +288,22 @@ impl ElfObject {
                 file,
                 line,
                 column,
+                discriminator: None,
                 inlined: true,
             });
         }
         if let Some(outer) = frames.last_mut() {
             outer.inlined = false;
+        }
+        if let Some(innermost) = frames.first_mut().filter(|f| f.line.is_some()) {
+            if let Some(unit) = dwarf
+                .context
+                .find_dwarf_and_unit(link_addr)
+                .skip_all_loads()
+            {
+                innermost.discriminator =
+                    dwarf.discriminators.lookup(unit, link_addr).ok().flatten();
+            }
         }
         frames
     }
@@ -230,20 +345,74 @@ fn load_dwarf(data: &'static [u8]) -> Result<DwarfContext, String> {
         Ok(gimli::EndianSlice::new(bytes, endian))
     };
     let dwarf = gimli::Dwarf::load(&mut load_section)?;
+    let unit_problems = check_unit_headers(&dwarf);
     let context = addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"))?;
     Ok(DwarfContext {
         context,
+        discriminators: DiscriminatorCache::default(),
+        unit_problems,
         _decompressed: decompressed,
     })
 }
 
-fn address_ranges(obj: &object::File<'_>, relocatable: bool) -> Vec<(u64, u64)> {
-    let mut ranges: Vec<(u64, u64)> = if relocatable {
-        // A module's `.text` is placed at the bias; its other sections are laid out by the guest's module loader,
-        // which only `/sys/module/*/sections` would tell us.
-        obj.section_by_name(".text")
-            .map(|s| (0, s.size()))
-            .into_iter()
+/// Opens every unit's header, root DIE and line program header, as addr2line does when it indexes units, so that a
+/// corrupt unit, which addr2line skips without a word, is reported. Costs a few ms on a distribution vmlinux.
+fn check_unit_headers(dwarf: &gimli::Dwarf<Slice>) -> Option<String> {
+    let mut bad_units = 0usize;
+    let mut first = None;
+    let mut headers = dwarf.units();
+    loop {
+        match headers.next() {
+            Ok(Some(header)) => {
+                let offset = header.offset();
+                if let Err(e) = dwarf.unit(header) {
+                    bad_units += 1;
+                    first.get_or_insert_with(|| format!("unit {offset:?}: {e}"));
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                // Unit lengths chain the units together: nothing after a bad header can be found.
+                bad_units += 1;
+                first.get_or_insert_with(|| {
+                    format!(".debug_info unit header: {e}; later units unreadable")
+                });
+                break;
+            }
+        }
+    }
+    first.map(|first| {
+        format!("{bad_units} corrupt DWARF unit(s) skipped, their code has no line info ({first})")
+    })
+}
+
+/// Load address of each section of a relocatable object, by section index; `None` = not placed (not loaded, or
+/// its address unknown).
+fn section_placement(obj: &object::File<'_>, layout: &HashMap<String, u64>) -> Vec<Option<u64>> {
+    let mut placement = Vec::new();
+    for section in obj.sections() {
+        let index = section.index().0;
+        if placement.len() <= index {
+            placement.resize(index + 1, None);
+        }
+        placement[index] = section
+            .name()
+            .ok()
+            .and_then(|name| layout.get(name))
+            .copied();
+    }
+    placement
+}
+
+fn address_ranges(obj: &object::File<'_>, placement: Option<&[Option<u64>]>) -> Vec<(u64, u64)> {
+    let relocatable = placement.is_some();
+    let mut ranges: Vec<(u64, u64)> = if let Some(placement) = placement {
+        obj.sections()
+            .filter(|s| s.size() > 0)
+            .filter_map(|s| {
+                let start = placement.get(s.index().0).copied().flatten()?;
+                Some((start, start.saturating_add(s.size())))
+            })
             .collect()
     } else {
         obj.sections()
@@ -280,19 +449,23 @@ fn is_allocated(section: &object::Section<'_, '_>) -> bool {
     }
 }
 
-fn read_symbols(obj: &object::File<'_>, relocatable: bool) -> SymbolTable {
-    let text_index = obj.section_by_name(".text").map(|s| s.index());
-    let mut section_ends = Vec::new();
+fn read_symbols(obj: &object::File<'_>, placement: Option<&[Option<u64>]>) -> SymbolTable {
+    // Per section index: (where its symbols' values are relative to, end address). Unplaced sections of a
+    // relocatable object have no entry and their symbols are dropped.
+    let mut sections: Vec<Option<(u64, u64)>> = Vec::new();
     for s in obj.sections() {
-        let end = if relocatable {
-            s.size()
-        } else {
-            s.address().saturating_add(s.size())
+        let base_and_end = match placement {
+            Some(placement) => placement
+                .get(s.index().0)
+                .copied()
+                .flatten()
+                .map(|start| (start, start.saturating_add(s.size()))),
+            None => Some((0, s.address().saturating_add(s.size()))),
         };
-        if section_ends.len() <= s.index().0 {
-            section_ends.resize(s.index().0 + 1, u64::MAX);
+        if sections.len() <= s.index().0 {
+            sections.resize(s.index().0 + 1, None);
         }
-        section_ends[s.index().0] = end;
+        sections[s.index().0] = base_and_end;
     }
     let mut symbols: Vec<_> = obj.symbols().collect();
     if symbols.is_empty() {
@@ -313,12 +486,11 @@ fn read_symbols(obj: &object::File<'_>, relocatable: bool) -> SymbolTable {
         if name.is_empty() || name.starts_with(".L") {
             continue;
         }
-        if relocatable && Some(index) != text_index {
+        let Some((base, limit)) = sections.get(index.0).copied().flatten() else {
             continue;
-        }
-        let limit = section_ends.get(index.0).copied().unwrap_or(u64::MAX);
+        };
         raw.push(RawSymbol {
-            start: sym.address(),
+            start: base.wrapping_add(sym.address()),
             size: sym.size(),
             limit,
             name: name.to_owned(),

@@ -62,8 +62,12 @@ pub fn format_addr2line(result: &Symbolized, style: Addr2lineStyle) -> String {
         }
         out.push_str(frame.file.as_deref().unwrap_or("??"));
         out.push(':');
-        match frame.line {
-            Some(line) if line != 0 => {
+        // binutils keeps the innermost row's discriminator for every inlined-by line, so repeat it.
+        match (frame.line, result.frames[0].discriminator) {
+            (Some(line), Some(discriminator)) if line != 0 => {
+                let _ = writeln!(out, "{line} (discriminator {discriminator})");
+            }
+            (Some(line), None) if line != 0 => {
                 let _ = writeln!(out, "{line}");
             }
             _ => out.push_str("?\n"),
@@ -84,6 +88,7 @@ mod tests {
             file: file.map(Into::into),
             line,
             column: None,
+            discriminator: None,
             inlined,
         }
     }

@@ -63,9 +63,9 @@ pub(crate) fn offset_from_entries(
         let guest = entries
             .iter()
             .find(|e| e.module.is_none() && e.name == anchor);
-        let linked = elf.symbols().find(|s| s.name == anchor);
+        let linked = elf.address_of(anchor);
         if let (Some(guest), Some(linked)) = (guest, linked) {
-            let offset = guest.address.wrapping_sub(linked.start);
+            let offset = guest.address.wrapping_sub(linked);
             if offset % KASLR_ALIGN != 0 {
                 return Err(KaslrError::Misaligned {
                     offset,
@@ -85,13 +85,12 @@ pub(crate) fn offset_from_entries(
 pub fn kaslr_offset_from_lstar(lstar: u64, vmlinux: &Path) -> Result<u64, KaslrError> {
     let elf = open_vmlinux(vmlinux)?;
     let entry = elf
-        .symbols()
-        .find(|s| s.name == "entry_SYSCALL_64")
+        .address_of("entry_SYSCALL_64")
         .ok_or_else(|| KaslrError::MissingSymbol {
             what: vmlinux.display().to_string(),
             symbol: "entry_SYSCALL_64",
         })?;
-    let offset = lstar.wrapping_sub(entry.start);
+    let offset = lstar.wrapping_sub(entry);
     if offset % KASLR_ALIGN != 0 {
         return Err(KaslrError::Misaligned {
             offset,
@@ -127,7 +126,7 @@ pub fn build_id_from_notes(notes: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn open_vmlinux(path: &Path) -> Result<ElfObject, KaslrError> {
-    ElfObject::open(path, 0).map_err(|source| KaslrError::Elf {
+    ElfObject::open(path, 0, None).map_err(|source| KaslrError::Elf {
         path: path.to_owned(),
         source,
     })

@@ -1,16 +1,37 @@
 //! Guest symbolization: vmlinux ELF + DWARF, kallsyms, modules, KASLR offset.
 //!
 //! One [`Symbolizer`] per guest address space (the guest kernel, or one guest user binary) answers batches of
-//! addresses from every source it was given: ELF symbol tables and DWARF (line tables, inline frames), kallsyms or
-//! System.map text, and module regions from `/proc/modules`. An address no source covers comes back unknown rather
-//! than as the nearest symbol far away.
+//! addresses from every source it was given: ELF symbol tables and DWARF (line tables, inline frames,
+//! discriminators), kallsyms or System.map text, module regions from `/proc/modules`, and `.ko` files placed by
+//! `/sys/module/*/sections`. An address no source covers comes back unknown rather than as the nearest symbol far
+//! away. Files are memory-mapped and DWARF is parsed lazily, per compilation unit, and cached; relocations are never
+//! applied to an executable's DWARF, so a distribution vmlinux's `.rela.debug_*` are never read.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), symbols::SymbolsError> {
+//! use std::path::Path;
+//! let (vmlinux, kallsyms) = (Path::new("vmlinux"), Path::new("guest-kallsyms"));
+//! let mut kernel = symbols::Symbolizer::new();
+//! kernel.add_elf(vmlinux, symbols::kaslr_offset_from_kallsyms(vmlinux, kallsyms)?)?;
+//! kernel.add_kallsyms(kallsyms)?; // module symbols; warns if the vmlinux is not the guest's
+//! for warning in kernel.warnings() {
+//!     eprintln!("warning: {warning}");
+//! }
+//! for result in kernel.symbolize(&[0xffff_ffff_8100_0000]) {
+//!     print!("{}", symbols::format_addr2line(&result, symbols::Addr2lineStyle::AFIP));
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
+mod discriminator;
 mod elf;
 mod format;
 mod kallsyms;
 mod kaslr;
 mod symtab;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use elf::ElfError;
@@ -64,6 +85,8 @@ pub struct Frame {
     pub file: Option<String>,
     pub line: Option<u32>,
     pub column: Option<u32>,
+    /// DWARF line-table discriminator of the innermost frame's row (binutils prints it; `None` if zero).
+    pub discriminator: Option<u32>,
     pub inlined: bool,
 }
 
@@ -75,7 +98,8 @@ struct KallsymsSource {
     object_names: Vec<String>,
 }
 
-/// Symbolizes addresses of one address space from several sources. Not `Sync`: DWARF is parsed lazily behind `&self`.
+/// Symbolizes addresses of one address space from several sources. `Send` but not `Sync`: DWARF is parsed lazily
+/// behind `&self`, so give each thread its own.
 pub struct Symbolizer {
     elfs: Vec<elf::ElfObject>,
     kallsyms: Option<KallsymsSource>,
@@ -107,13 +131,76 @@ impl Symbolizer {
     }
 
     /// An ELF (vmlinux, test guest, user binary). `bias` is added to its addresses (KASLR offset / load bias).
-    /// A relocatable object (`.ko`) contributes only its `.text` symbols, with `.text` placed at `bias`.
+    /// A relocatable object (`.ko`) contributes only its `.text` symbols, with `.text` placed at `bias`
+    /// (see [`Self::add_module_elf`] to place all its sections).
     pub fn add_elf(&mut self, path: &Path, bias: u64) -> Result<(), SymbolsError> {
-        let object = elf::ElfObject::open(path, bias).map_err(|source| SymbolsError::Elf {
-            path: path.to_owned(),
-            source,
+        let object =
+            elf::ElfObject::open(path, bias, None).map_err(|source| SymbolsError::Elf {
+                path: path.to_owned(),
+                source,
+            })?;
+        self.elfs.push(object);
+        // Only the first ELF is the kernel image that kallsyms describe; later ones (modules) are not checked.
+        if self.elfs.len() == 1 {
+            self.check_kernel_consistency();
+        }
+        Ok(())
+    }
+
+    /// A kernel module (`.ko`) placed where the guest loaded each of its sections, by section name: see
+    /// [`read_module_sections`] for a copy of the guest's `/sys/module/NAME/sections/`. Symbol tables only: a
+    /// module's DWARF needs relocations applied, which is not done.
+    pub fn add_module_elf(
+        &mut self,
+        path: &Path,
+        section_addresses: &HashMap<String, u64>,
+    ) -> Result<(), SymbolsError> {
+        let object = elf::ElfObject::open(path, 0, Some(section_addresses)).map_err(|source| {
+            SymbolsError::Elf {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         self.elfs.push(object);
+        Ok(())
+    }
+
+    /// Like [`Self::add_elf`] for an ELF image already in memory (read from guest memory, say); `name` is what
+    /// [`Symbolized::object`] reports.
+    pub fn add_elf_bytes(
+        &mut self,
+        name: &str,
+        bytes: Vec<u8>,
+        bias: u64,
+    ) -> Result<(), SymbolsError> {
+        let object =
+            elf::ElfObject::from_bytes(name.to_owned(), bytes, bias).map_err(|source| {
+                SymbolsError::Elf {
+                    path: PathBuf::from(name),
+                    source,
+                }
+            })?;
+        self.elfs.push(object);
+        // Only the first ELF is the kernel image that kallsyms describe; later ones (modules) are not checked.
+        if self.elfs.len() == 1 {
+            self.check_kernel_consistency();
+        }
+        Ok(())
+    }
+
+    /// Like [`Self::add_kallsyms`] for text already in memory.
+    pub fn add_kallsyms_text(&mut self, name: &str, text: &str) -> Result<(), SymbolsError> {
+        let entries = parse_kallsyms(text).map_err(|source| SymbolsError::Kallsyms {
+            path: PathBuf::from(name),
+            source,
+        })?;
+        let (table, object_names) = kallsyms::build_table(&entries, &self.modules);
+        self.kallsyms = Some(KallsymsSource {
+            path: PathBuf::from(name),
+            entries,
+            table,
+            object_names,
+        });
         self.check_kernel_consistency();
         Ok(())
     }
@@ -121,19 +208,7 @@ impl Symbolizer {
     /// `/proc/kallsyms` or `System.map` text.
     pub fn add_kallsyms(&mut self, path: &Path) -> Result<(), SymbolsError> {
         let text = read_text(path)?;
-        let entries = parse_kallsyms(&text).map_err(|source| SymbolsError::Kallsyms {
-            path: path.to_owned(),
-            source,
-        })?;
-        let (table, object_names) = kallsyms::build_table(&entries, &self.modules);
-        self.kallsyms = Some(KallsymsSource {
-            path: path.to_owned(),
-            entries,
-            table,
-            object_names,
-        });
-        self.check_kernel_consistency();
-        Ok(())
+        self.add_kallsyms_text(&path.display().to_string(), &text)
     }
 
     /// A copy of the guest's `/proc/modules`: module load regions.
@@ -174,11 +249,8 @@ impl Symbolizer {
     pub fn warnings(&self) -> Vec<String> {
         let mut all = self.warnings.clone();
         for elf in &self.elfs {
-            if let Some(e) = elf.dwarf_error() {
-                all.push(format!(
-                    "{}: DWARF unusable, symbol table only: {e}",
-                    elf.name
-                ));
+            if let Some(problem) = elf.dwarf_problem() {
+                all.push(format!("{}: {problem}", elf.name));
             }
         }
         all
@@ -232,6 +304,7 @@ impl Symbolizer {
                     file: None,
                     line: None,
                     column: None,
+                    discriminator: None,
                     inlined: false,
                 };
                 return Symbolized {
@@ -278,8 +351,8 @@ impl Symbolizer {
                 k.path.display()
             ));
         }
-        let by_name: std::collections::HashMap<&str, u64> =
-            elf.symbols().map(|s| (s.name.as_str(), s.start)).collect();
+        let named = elf.named_addresses();
+        let by_name: std::collections::HashMap<&str, u64> = named.iter().copied().collect();
         let (mut compared, mut differing) = (0usize, 0usize);
         let mut example = None;
         for entry in k
@@ -302,7 +375,8 @@ impl Symbolizer {
                 format!(" (e.g. {name}: guest {guest:#x}, vmlinux {linked:#x} + {offset:#x})")
             });
             self.warnings.push(format!(
-                "{} does not match the guest's kallsyms {}: {differing} of {compared} text symbols disagree{detail}",
+                "{} does not match the guest's kallsyms {}: {differing} of {compared} text symbols disagree{detail}; \
+                 it is not the guest's kernel",
                 elf.name,
                 k.path.display()
             ));
@@ -313,6 +387,38 @@ impl Symbolizer {
 /// KASLR offset = guest kallsyms `_text`/`_stext` − vmlinux `_text`/`_stext`.
 pub fn kaslr_offset_from_kallsyms(vmlinux: &Path, kallsyms: &Path) -> Result<u64, SymbolsError> {
     Ok(kaslr::kaslr_offset_from_kallsyms(vmlinux, kallsyms)?)
+}
+
+/// Section load addresses from a copy of a guest's `/sys/module/NAME/sections/` directory: one file per section
+/// (`.text`, `.init.text`, `.data`, ...) holding its address in hex.
+pub fn read_module_sections(dir: &Path) -> Result<HashMap<String, u64>, SymbolsError> {
+    let read_error = |source| SymbolsError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut sections = HashMap::new();
+    for entry in std::fs::read_dir(dir).map_err(read_error)? {
+        let entry = entry.map_err(read_error)?;
+        let path = entry.path();
+        let text = read_text(&path)?;
+        let value = text.trim();
+        let digits = value.strip_prefix("0x").unwrap_or(value);
+        let address = u64::from_str_radix(digits, 16).map_err(|_| SymbolsError::Read {
+            path: path.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("expected a hex section address, got {value:?}"),
+            ),
+        })?;
+        sections.insert(entry.file_name().to_string_lossy().into_owned(), address);
+    }
+    if !sections.is_empty() && sections.values().all(|&a| a == 0) {
+        return Err(SymbolsError::Kallsyms {
+            path: dir.to_owned(),
+            source: KallsymsError::AddressesHidden,
+        });
+    }
+    Ok(sections)
 }
 
 /// The GNU build-id of an ELF file, if it has one.
@@ -330,4 +436,13 @@ fn read_text(path: &Path) -> Result<String, SymbolsError> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn symbolizer_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<super::Symbolizer>();
+    }
 }

@@ -37,12 +37,16 @@ pub(crate) struct SymbolTable {
 impl SymbolTable {
     pub fn from_raw(mut raw: Vec<RawSymbol>) -> Self {
         // Sort by address, best-ranked first among equals, so that the first of a run of equal starts is the
-        // preferred name and dedup keeps it.
+        // preferred name and dedup keeps it. Among aliases of equal rank, perf's choice: fewer leading underscores
+        // (`startup_64` over `_stext`), then the longer name, so reports name a spot the way perf does.
+        let underscores = |name: &str| name.bytes().take_while(|&b| b == b'_').count();
         raw.sort_by(|a, b| {
             a.start
                 .cmp(&b.start)
                 .then(b.rank.cmp(&a.rank))
                 .then(b.size.cmp(&a.size))
+                .then(underscores(&a.name).cmp(&underscores(&b.name)))
+                .then(b.name.len().cmp(&a.name.len()))
                 .then(a.name.cmp(&b.name))
         });
         raw.dedup_by(|later, first| later.start == first.start);
@@ -66,10 +70,6 @@ impl SymbolTable {
             });
         }
         SymbolTable { symbols }
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &TableSymbol> {
-        self.symbols.iter()
     }
 
     /// The symbol whose extent contains `addr`, if any.
@@ -119,6 +119,16 @@ mod tests {
         assert_eq!(t.lookup(0x1fff).unwrap().name, "a");
         assert_eq!(t.lookup(0x2fff).unwrap().name, "b");
         assert!(t.lookup(0x3000).is_none());
+    }
+
+    #[test]
+    fn aliases_resolve_like_perf() {
+        let t = SymbolTable::from_raw(vec![
+            raw(0x1000, 0, 0x2000, "_text"),
+            raw(0x1000, 0, 0x2000, "_stext"),
+            raw(0x1000, 0, 0x2000, "startup_64"),
+        ]);
+        assert_eq!(t.lookup(0x1000).unwrap().name, "startup_64");
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub const USER_TEXT: u64 = 0x40_1000;
 pub const KERNEL_CR3: u64 = 0x1000;
 pub const USER_CR3_A: u64 = 0x3000;
 pub const USER_CR3_B: u64 = 0x4000;
-pub const LOST: u64 = 7;
+/// queue_full 4 + ticks_skipped 2; idle ticks are not losses.
+pub const LOST: u64 = 6;
 
 pub struct GuestBinaries {
     pub dir: PathBuf,
@@ -162,7 +163,7 @@ impl GuestBinaries {
         writer
             .write_lost(
                 &SampleLoss {
-                    vcpu_not_running: 1,
+                    idle_ticks: 1,
                     ticks_skipped: 2,
                     ..Default::default()
                 },

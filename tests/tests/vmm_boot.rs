@@ -214,23 +214,25 @@ fn control_socket_serves_info_regs_pause_resume_with_mode_0600() {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("vm.sock");
     let elf = guest_elf();
-    let mut child = Command::new(bin("vmm"))
-        .args([
-            "run",
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--cpus",
-            "2",
-            "--cmdline",
-            "work=user_hot_a:100 secs=4",
-        ])
-        .arg("--control")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(bin("vmm"))
+            .args([
+                "run",
+                "--kernel",
+                elf.to_str().unwrap(),
+                "--cpus",
+                "2",
+                "--cmdline",
+                "work=user_hot_a:100 secs=4",
+            ])
+            .arg("--control")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut tries = 0;
     let conn = loop {
         match UnixStream::connect(&sock) {
@@ -247,7 +249,7 @@ fn control_socket_serves_info_regs_pause_resume_with_mode_0600() {
         0o600
     );
     // Wait until both vCPUs run the workload (application processors start in real mode).
-    let mut guest_out = BufReader::new(child.stdout.take().unwrap());
+    let mut guest_out = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();
     let mut workers = 0;
     while workers < 2 {
@@ -293,11 +295,21 @@ fn control_socket_serves_info_regs_pause_resume_with_mode_0600() {
         .unwrap()
         .contains("version"));
     std::io::copy(&mut guest_out, &mut std::io::sink()).unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(
         status.success(),
         "guest did not finish cleanly after pause/resume: {status:?}"
     );
     assert!(!sock.exists(), "socket file left behind");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Kills the VMM if the test fails midway (a paused VM would otherwise wait forever).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

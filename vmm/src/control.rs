@@ -58,6 +58,13 @@ pub enum Request {
         #[serde(default)]
         reset: bool,
     },
+    /// Start sampling: the reply is followed by a stream of `{"sample":…}` lines, a `{"loss":…}` line every
+    /// 100 ms, and `{"end":"…"}` when the VM ends. Closing the connection stops sampling.
+    Sample {
+        freq: u32,
+        #[serde(default)]
+        callchain: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -127,6 +134,14 @@ fn serve_conn(conn: UnixStream, vm: VmControl) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        if let Ok(Envelope {
+            v: PROTOCOL_VERSION,
+            req: Request::Sample { freq, callchain },
+        }) = serde_json::from_str(line.trim_end())
+        {
+            stream_samples(&mut out, &vm, freq, callchain);
+            return;
+        }
         let reply = if line.len() > MAX_REQUEST {
             error_reply("request too long")
         } else {
@@ -136,6 +151,48 @@ fn serve_conn(conn: UnixStream, vm: VmControl) {
             return;
         }
     }
+}
+
+/// Serves one sampling session on this connection until the client goes away or the VM ends.
+fn stream_samples(out: &mut UnixStream, vm: &VmControl, freq: u32, callchains: bool) {
+    let cfg = crate::sampler::SamplerConfig {
+        frequency_hz: freq,
+        callchains,
+        queue_capacity: 1 << 16,
+        kick_only: false,
+    };
+    let stream = match vm.start_sampling(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(out, "{}", error_reply(&e.to_string()));
+            return;
+        }
+    };
+    let mut w = std::io::BufWriter::new(out);
+    let mut ok = writeln!(w, "{}", json!({ "ok": true, "vcpus": vm.vcpu_count() })).is_ok()
+        && w.flush().is_ok();
+    let mut last_loss = std::time::Instant::now();
+    while ok {
+        match stream
+            .rx
+            .recv_timeout(std::time::Duration::from_millis(100))
+        {
+            Ok(sample) => ok = writeln!(w, "{}", json!({ "sample": sample })).is_ok(),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = writeln!(w, "{}", json!({ "loss": stream.loss.snapshot() }));
+                let _ = writeln!(w, "{}", json!({ "end": "the VM ended" }));
+                let _ = w.flush();
+                return;
+            }
+        }
+        if ok && last_loss.elapsed() >= std::time::Duration::from_millis(100) {
+            ok = writeln!(w, "{}", json!({ "loss": stream.loss.snapshot() })).is_ok()
+                && w.flush().is_ok();
+            last_loss = std::time::Instant::now();
+        }
+    }
+    vm.stop_sampling();
 }
 
 fn error_reply(msg: &str) -> Value {
@@ -164,6 +221,9 @@ pub fn handle_line(line: &str, vm: &VmControl) -> Value {
         Request::Regs { vcpu } => vm
             .registers(vcpu, false)
             .map(|r| json!({ "regs": regs_json(&r) })),
+        Request::Sample { .. } => {
+            return error_reply("sample streams only on their own connection")
+        }
         Request::ExitStats { reset } => {
             let stats = vm.exit_stats();
             if reset {
@@ -204,6 +264,14 @@ fn regs_json(r: &crate::GuestRegisters) -> Value {
     Value::Object(m)
 }
 
+/// One line of a sampling stream.
+#[derive(Debug)]
+pub enum StreamEvent {
+    Sample(crate::Sample),
+    /// Running totals of the session.
+    Loss(crate::SampleLoss),
+}
+
 /// A blocking client for the control socket.
 pub struct ControlClient {
     reader: BufReader<UnixStream>,
@@ -220,6 +288,36 @@ impl ControlClient {
             writer: s.try_clone()?,
             reader: BufReader::new(s),
         })
+    }
+
+    /// Starts a sampling session on this connection (see `Request::Sample`); read it with `next_event`.
+    pub fn start_sampling(&mut self, freq: u32, callchain: bool) -> Result<usize, ControlError> {
+        let reply = self.call(Request::Sample { freq, callchain })?;
+        Ok(reply["vcpus"].as_u64().unwrap_or(0) as usize)
+    }
+
+    /// Next line of a sampling stream; `None` at its end or when the VMM went away.
+    pub fn next_event(&mut self) -> Result<Option<StreamEvent>, ControlError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| ControlError::BadReply(e.to_string()))?;
+        let bad = |e: serde_json::Error| ControlError::BadReply(e.to_string());
+        if let Some(s) = v.get("sample") {
+            Ok(Some(StreamEvent::Sample(
+                serde_json::from_value(s.clone()).map_err(bad)?,
+            )))
+        } else if let Some(l) = v.get("loss") {
+            Ok(Some(StreamEvent::Loss(
+                serde_json::from_value(l.clone()).map_err(bad)?,
+            )))
+        } else if v.get("end").is_some() {
+            Ok(None)
+        } else {
+            Err(ControlError::BadReply(line.trim().to_string()))
+        }
     }
 
     pub fn call(&mut self, req: Request) -> Result<Value, ControlError> {

@@ -21,6 +21,7 @@ const LEAF7_EBX_XSAVE_STATE: u32 = (1 << 5)
     | (1 << 28)
     | (1 << 30)
     | (1 << 31);
+const LEAF7_EBX_SMAP: u32 = 1 << 20;
 /// Leaf 7 ECX: AVX-512 VBMI/VBMI2/VNNI/BITALG/VPOPCNTDQ, VAES, VPCLMULQDQ, GFNI (VEX/EVEX forms).
 const LEAF7_ECX_XSAVE_STATE: u32 =
     (1 << 1) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
@@ -34,6 +35,7 @@ pub struct CpuidPolicy {
     pub hide_cx16: bool,
     pub hide_xsave: bool,
     pub hide_pmu: bool,
+    pub hide_smap: bool,
 }
 
 impl CpuidPolicy {
@@ -43,6 +45,7 @@ impl CpuidPolicy {
             hide_cx16: caps.cmpxchg16b == Emulation::Fails,
             hide_xsave: caps.xsave == Emulation::Fails,
             hide_pmu: no_pmu || !caps.pmu,
+            hide_smap: caps.smap == Emulation::Fails,
         }
     }
 }
@@ -66,10 +69,15 @@ pub fn for_vcpu(supported: &CpuId, policy: CpuidPolicy, apic_id: u32, num_cpus: 
                         | LEAF1_ECX_F16C);
                 }
             }
-            7 if e.index == 0 && policy.hide_xsave => {
-                e.ebx &= !LEAF7_EBX_XSAVE_STATE;
-                e.ecx &= !LEAF7_ECX_XSAVE_STATE;
-                e.edx &= !LEAF7_EDX_XSAVE_STATE;
+            7 if e.index == 0 => {
+                if policy.hide_xsave {
+                    e.ebx &= !LEAF7_EBX_XSAVE_STATE;
+                    e.ecx &= !LEAF7_ECX_XSAVE_STATE;
+                    e.edx &= !LEAF7_EDX_XSAVE_STATE;
+                }
+                if policy.hide_smap {
+                    e.ebx &= !LEAF7_EBX_SMAP;
+                }
             }
             0xa if policy.hide_pmu => {
                 (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
@@ -120,6 +128,7 @@ mod tests {
             hide_cx16: true,
             hide_xsave: true,
             hide_pmu: true,
+            hide_smap: true,
         };
         let c = for_vcpu(&supported, hide, 3, 4);
         let s = c.as_slice();
@@ -132,6 +141,7 @@ mod tests {
             hide_cx16: false,
             hide_xsave: false,
             hide_pmu: false,
+            hide_smap: false,
         };
         let c = for_vcpu(&supported, keep, 0, 1);
         assert_eq!(

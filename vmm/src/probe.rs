@@ -66,6 +66,10 @@ pub struct HostCaps {
     pub xsave_cpuid_leaks: bool,
     /// Likewise for CPUID.1:ECX.CX16 (`clearcpuid=cx16` on a Linux command line).
     pub cx16_cpuid_leaks: bool,
+    /// `clac` at CPL0 (SMAP): Linux's exception entries start with it.
+    pub smap: Emulation,
+    /// CPUID.7:EBX.SMAP shows through a table that clears it (`nosmap` on a Linux command line).
+    pub smap_cpuid_leaks: bool,
     pub int3: Int3Delivery,
     /// A DR7 write watch armed with `KVM_GUESTDBG_USE_HW_BP` stops a CPL0 store with `KVM_EXIT_DEBUG` (measured
     /// by a snippet). Where not, the debugger watches memory by page protection instead.
@@ -74,13 +78,21 @@ pub struct HostCaps {
 
 impl HostCaps {
     /// Command-line words a Linux guest needs on this host because CPUID cannot hide what the host cannot run.
-    pub fn linux_cmdline_workarounds(&self) -> Vec<&'static str> {
+    pub fn linux_cmdline_workarounds(&self) -> Vec<String> {
         let mut v = Vec::new();
         if self.xsave == Emulation::Fails && self.xsave_cpuid_leaks {
-            v.push("noxsave");
+            v.push("noxsave".to_string());
+        }
+        // Linux 5.19+ dropped `nosmap`; `clearcpuid=` takes feature names (one option, comma-separated).
+        let mut clear = Vec::new();
+        if self.smap == Emulation::Fails && self.smap_cpuid_leaks {
+            clear.push("smap");
         }
         if self.cmpxchg16b == Emulation::Fails && self.cx16_cpuid_leaks {
-            v.push("clearcpuid=cx16");
+            clear.push("cx16");
+        }
+        if !clear.is_empty() {
+            v.push(format!("clearcpuid={}", clear.join(",")));
         }
         v
     }
@@ -116,6 +128,7 @@ impl HostCaps {
             &cpuid,
             leaf1.ecx,
             leaf(0xd).is_some_and(|e| e.eax & 3 == 3),
+            leaf(7).map_or(0, |e| e.ebx),
         );
         Ok(HostCaps {
             api_version,
@@ -133,6 +146,8 @@ impl HostCaps {
             xsave: snippets.xsave,
             xsave_cpuid_leaks: snippets.xsave_cpuid_leaks,
             cx16_cpuid_leaks: snippets.cx16_cpuid_leaks,
+            smap: snippets.smap,
+            smap_cpuid_leaks: snippets.smap_cpuid_leaks,
             int3: snippets.int3,
             data_breakpoints: snippets.data_breakpoints,
         })
@@ -202,6 +217,25 @@ impl fmt::Display for HostCaps {
         )?;
         writeln!(
             f,
+            "CPL0 clac (SMAP)       {:?}{}",
+            self.smap,
+            if self.smap == Emulation::Fails {
+                " (SMAP hidden from guests)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            f,
+            "CPUID hides SMAP       {}",
+            if self.smap_cpuid_leaks {
+                "no: the host shows it anyway (Linux guests get `clearcpuid=smap`)"
+            } else {
+                "yes"
+            }
+        )?;
+        writeln!(
+            f,
             "CPUID hides CX16       {}",
             if self.cx16_cpuid_leaks {
                 "no: the host shows it anyway (Linux guests get `clearcpuid=cx16`)"
@@ -233,6 +267,7 @@ impl fmt::Display for HostCaps {
 const SNIPPET_CODE: u64 = 0x10000;
 const SNIPPET_DATA: u64 = 0x20000;
 const CPUID_CX16: u32 = 1 << 13;
+const CPUID7_SMAP: u32 = 1 << 20;
 const CPUID_XSAVE: u32 = 1 << 26;
 
 struct SnippetResults {
@@ -240,6 +275,8 @@ struct SnippetResults {
     xsave: Emulation,
     xsave_cpuid_leaks: bool,
     cx16_cpuid_leaks: bool,
+    smap: Emulation,
+    smap_cpuid_leaks: bool,
     int3: Int3Delivery,
     data_breakpoints: bool,
 }
@@ -251,12 +288,15 @@ fn run_snippets(
     supported: &CpuId,
     leaf1_ecx: u32,
     has_xsave_state: bool,
+    leaf7_ebx: u32,
 ) -> SnippetResults {
     let mut r = SnippetResults {
         cmpxchg16b: Emulation::Runs,
         xsave: Emulation::Runs,
         xsave_cpuid_leaks: false,
         cx16_cpuid_leaks: false,
+        smap: Emulation::Runs,
+        smap_cpuid_leaks: false,
         int3: Int3Delivery::Unknown,
         data_breakpoints: false,
     };
@@ -302,9 +342,20 @@ fn run_snippets(
             },
         ))
     };
-    // mov eax, 1; xor ecx, ecx; cpuid; mov [rdi], ecx; hlt — with XSAVE and CX16 cleared in the table.
-    let code = [0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x89, 0x0f, 0xf4];
-    let cpuid = with_leaf1_ecx(0, CPUID_XSAVE | CPUID_CX16);
+    // mov eax, 1; xor ecx, ecx; cpuid; mov [rdi], ecx; mov eax, 7; xor ecx, ecx; cpuid; mov [rdi+4], ebx; hlt —
+    // with XSAVE, CX16 and SMAP cleared in the table.
+    let code = [
+        0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x89, 0x0f, 0xb8, 7, 0, 0, 0, 0x31, 0xc9, 0x0f,
+        0xa2, 0x89, 0x5f, 0x04, 0xf4,
+    ];
+    let mut cpuid = with_leaf1_ecx(0, CPUID_XSAVE | CPUID_CX16);
+    for e in cpuid
+        .as_mut_slice()
+        .iter_mut()
+        .filter(|e| e.function == 7 && e.index == 0)
+    {
+        e.ebx &= !CPUID7_SMAP;
+    }
     if run_one(
         &vm,
         &mem,
@@ -321,7 +372,35 @@ fn run_snippets(
             .unwrap_or(0);
         r.xsave_cpuid_leaks = seen & CPUID_XSAVE != 0;
         r.cx16_cpuid_leaks = seen & CPUID_CX16 != 0;
+        let seen7: u32 = mem
+            .read_obj(GuestAddress(SNIPPET_DATA + 2 * 0x1000 + 4))
+            .unwrap_or(0);
+        r.smap_cpuid_leaks = seen7 & CPUID7_SMAP != 0;
     }
+    // A host that shows SMAP through a table that hides it must be probed too.
+    r.smap = if leaf7_ebx & CPUID7_SMAP == 0 && !r.smap_cpuid_leaks {
+        Emulation::NotOffered
+    } else {
+        // clac; hlt
+        let mut with_smap = supported.clone();
+        for e in with_smap
+            .as_mut_slice()
+            .iter_mut()
+            .filter(|e| e.function == 7 && e.index == 0)
+        {
+            e.ebx |= CPUID7_SMAP;
+        }
+        emulation(run_one(
+            &vm,
+            &mem,
+            4,
+            &[0x0f, 0x01, 0xca, 0xf4],
+            Snippet {
+                cpuid: Some(&with_smap),
+                ..Default::default()
+            },
+        ))
+    };
     r.int3 = match run_one(
         &vm,
         &mem,

@@ -27,13 +27,24 @@ pub struct Sample {
     pub callchain: Vec<u64>,
 }
 
-/// Loss accounting: samples that were asked for and not delivered, by cause. Never silently dropped.
+/// Sample accounting beyond the samples themselves. Never silently dropped.
+///
+/// Samples follow CPU time, like perf's cpu-clock: a vCPU owes one sample per period of CPU time its thread
+/// consumed. Ticks on which a vCPU consumed none (halted, paused, waiting for SIPI, descheduled) are `idle_ticks`:
+/// counted, but not losses. `queue_full` and `ticks_skipped` are real losses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SampleLoss {
-    /// The consumer's queue was full.
+    /// The consumer's queue was full: a sample was taken and dropped.
     pub queue_full: u64,
-    /// A kick found the vCPU not in guest mode (halted, paused, or handling an exit) and took no sample.
-    pub vcpu_not_running: u64,
+    /// Ticks that found a vCPU idle (no CPU time used since its last sample), or still busy with the previous kick.
+    pub idle_ticks: u64,
     /// The kicker fell behind its period and skipped ticks.
     pub ticks_skipped: u64,
+}
+
+impl SampleLoss {
+    /// Samples owed and not delivered (what perf calls lost).
+    pub fn lost(&self) -> u64 {
+        self.queue_full.saturating_add(self.ticks_skipped)
+    }
 }

@@ -24,13 +24,15 @@ pub struct SamplerConfig {
     pub callchains: bool,
     /// Samples buffered between the vCPUs and the consumer.
     pub queue_capacity: usize,
+    /// Kick the vCPUs but read nothing and record nothing: the bare cost of the forced exits, for benchmarks.
+    pub kick_only: bool,
 }
 
 /// Loss counters shared by the vCPU threads and the timer thread.
 #[derive(Debug, Default)]
 pub struct LossCounters {
     pub queue_full: AtomicU64,
-    pub vcpu_not_running: AtomicU64,
+    pub idle_ticks: AtomicU64,
     pub ticks_skipped: AtomicU64,
 }
 
@@ -38,7 +40,7 @@ impl LossCounters {
     pub fn snapshot(&self) -> SampleLoss {
         SampleLoss {
             queue_full: self.queue_full.load(Ordering::Relaxed),
-            vcpu_not_running: self.vcpu_not_running.load(Ordering::Relaxed),
+            idle_ticks: self.idle_ticks.load(Ordering::Relaxed),
             ticks_skipped: self.ticks_skipped.load(Ordering::Relaxed),
         }
     }
@@ -50,6 +52,9 @@ pub struct SampleSink {
     pub loss: Arc<LossCounters>,
     pub callchains: bool,
     pub epoch: Instant,
+    /// CPU time per sample (1 / frequency).
+    pub period_ns: u64,
+    pub kick_only: bool,
 }
 
 impl SampleSink {
@@ -62,6 +67,46 @@ impl SampleSink {
             // The consumer is gone (recording stopped): nothing to count against.
             Err(TrySendError::Disconnected(_)) => {}
         }
+    }
+}
+
+/// CPU time of the calling thread, in nanoseconds (guest execution inside KVM_RUN counts as the thread's).
+pub fn thread_cpu_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Turns kicks into samples by CPU time: each kick credits the CPU time the vCPU thread used since the previous one,
+/// and one sample is owed per full period of credit. A halted or descheduled vCPU earns nothing, so it is not
+/// sampled, exactly as perf's cpu-clock would not sample it. A vCPU that could not be interrupted for several periods
+/// (inside KVM's instruction emulator, say) owes several samples at the RIP where it stopped, as perf's cpu-clock
+/// would weight one sample by its period; the burst is capped so a long stall does not swamp the profile.
+#[derive(Debug, Default)]
+pub struct CpuTimeCredit {
+    last_ns: Option<u64>,
+    /// May go negative by up to half a period: a sample taken on rounding is paid back by the next kick.
+    credit_ns: i64,
+}
+
+/// Most samples one kick may owe.
+pub const MAX_SAMPLES_PER_KICK: i64 = 16;
+
+impl CpuTimeCredit {
+    /// Adds the CPU time used up to `now_ns`; returns how many samples are due (and consumes their periods).
+    pub fn due(&mut self, now_ns: u64, period_ns: u64) -> u32 {
+        let period = period_ns.max(1) as i64;
+        let used = self.last_ns.map_or(0, |last| now_ns.saturating_sub(last)) as i64;
+        self.last_ns = Some(now_ns);
+        self.credit_ns = (self.credit_ns + used).min(MAX_SAMPLES_PER_KICK * period);
+        // Round to the nearest period: kicks arrive a little late or early, never exactly on the period.
+        let owed = ((self.credit_ns + period / 2) / period).max(0);
+        self.credit_ns -= owed * period;
+        owed as u32
     }
 }
 
@@ -137,17 +182,114 @@ pub fn run_timer(
             if req.raise() {
                 kicker.kick();
             } else {
-                loss.vcpu_not_running.fetch_add(1, Ordering::Relaxed);
+                loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             }
         }
         next += period;
     }
 }
 
-/// The consumer's side of a sampling session.
+/// The consumer's side of a sampling session. Dropping it (or `VmControl::stop_sampling`) ends the session.
 pub struct SampleStream {
     pub rx: Receiver<Sample>,
     pub loss: Arc<LossCounters>,
+}
+
+/// Where vCPU threads find the current sampling session, if any. Sessions start and stop while the VM runs.
+#[derive(Default)]
+pub struct SamplingSlot {
+    sink: std::sync::Mutex<Option<Arc<SampleSink>>>,
+}
+
+impl SamplingSlot {
+    pub fn current(&self) -> Option<Arc<SampleSink>> {
+        self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn set(&self, sink: Option<Arc<SampleSink>>) -> Option<Arc<SampleSink>> {
+        std::mem::replace(
+            &mut *self.sink.lock().unwrap_or_else(|e| e.into_inner()),
+            sink,
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SamplerError {
+    #[error("a sampling session is already running on this VM")]
+    Busy,
+    #[error("sampling frequency must be between 1 and {max} Hz (got {got})")]
+    Frequency { got: u32, max: u32 },
+    #[error("cannot start the sampler thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Highest sampling rate accepted. Kicks saturate near 15-20k exits/s on PVM hosts; far beyond that nothing is
+/// gained anywhere.
+pub const MAX_FREQUENCY_HZ: u32 = 50_000;
+
+/// A running session: the timer thread and the slot it filled.
+pub struct SamplingSession {
+    stop: Arc<AtomicBool>,
+    timer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SamplingSession {
+    /// Fills the slot and starts the timer over `vcpus`.
+    pub fn start(
+        slot: &SamplingSlot,
+        cfg: SamplerConfig,
+        epoch: Instant,
+        vcpus: Vec<(Arc<SampleRequest>, Kicker)>,
+    ) -> Result<(SamplingSession, SampleStream), SamplerError> {
+        if cfg.frequency_hz == 0 || cfg.frequency_hz > MAX_FREQUENCY_HZ {
+            return Err(SamplerError::Frequency {
+                got: cfg.frequency_hz,
+                max: MAX_FREQUENCY_HZ,
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity.max(1));
+        let loss = Arc::new(LossCounters::default());
+        let sink = Arc::new(SampleSink {
+            tx,
+            loss: loss.clone(),
+            callchains: cfg.callchains,
+            epoch,
+            period_ns: 1_000_000_000 / cfg.frequency_hz as u64,
+            kick_only: cfg.kick_only,
+        });
+        {
+            let mut guard = slot.sink.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.is_some() {
+                return Err(SamplerError::Busy);
+            }
+            *guard = Some(sink);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s) = (loss.clone(), stop.clone());
+        let timer = std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || run_timer(cfg.frequency_hz, vcpus, l, s))
+            .map_err(|e| {
+                slot.set(None);
+                SamplerError::Thread(e)
+            })?;
+        Ok((
+            SamplingSession {
+                stop,
+                timer: Some(timer),
+            },
+            SampleStream { rx, loss },
+        ))
+    }
+
+    /// Stops the timer and empties the slot; samples already queued stay readable from the stream.
+    pub fn stop(mut self, slot: &SamplingSlot) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.timer.take() {
+            let _ = t.join();
+        }
+        slot.set(None);
+    }
 }
 
 #[cfg(test)]
@@ -183,6 +325,30 @@ mod tests {
         mem.write_obj(0x9000u64, GuestAddress(0x9000)).unwrap();
         mem.write_obj(0x4444u64, GuestAddress(0x9008)).unwrap();
         assert_eq!(walk_frame_pointers(&mem, &ctx, 0x9000, 127), vec![0x4444]);
+    }
+
+    #[test]
+    fn cpu_time_credit_samples_busy_vcpus_only() {
+        let mut c = CpuTimeCredit::default();
+        let p = 1_000_000;
+        assert_eq!(c.due(0, p), 0, "first kick only starts the clock");
+        assert_eq!(c.due(p, p), 1, "a full period of CPU time owes a sample");
+        assert_eq!(c.due(p + 10_000, p), 0, "an idle vCPU owes nothing");
+        assert_eq!(c.due(p + 20_000, p), 0);
+        // Half-busy: one sample every other kick.
+        let mut t = p + 20_000;
+        let mut samples = 0;
+        for _ in 0..100 {
+            t += p / 2;
+            samples += c.due(t, p);
+        }
+        assert!((49..=51).contains(&samples), "{samples}");
+        // Three periods without a chance to sample owe three; a long stall is capped.
+        t += 3 * p;
+        assert_eq!(c.due(t, p), 3);
+        t += 100 * p;
+        assert_eq!(c.due(t, p), MAX_SAMPLES_PER_KICK as u32);
+        assert_eq!(c.due(t, p), 0);
     }
 
     #[test]

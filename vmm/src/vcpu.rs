@@ -19,7 +19,9 @@ use crate::devices::{PioDevices, PioOutcome};
 use crate::exit::{self, InternalErrorAction, VmEnd};
 use crate::kick::{self, Kicker};
 use crate::paging::{read_virt, PagingContext};
-use crate::sampler::{walk_frame_pointers, SampleRequest, SampleSink, MAX_CALLCHAIN};
+use crate::sampler::{
+    thread_cpu_time_ns, walk_frame_pointers, CpuTimeCredit, SampleRequest, MAX_CALLCHAIN,
+};
 use crate::{GuestMode, GuestRegisters, Sample};
 
 #[derive(Debug, thiserror::Error)]
@@ -113,13 +115,14 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     pub state: Arc<AtomicU8>,
     pub sample_request: Arc<SampleRequest>,
-    pub sampling: Option<Arc<SampleSink>>,
+    pub sampling: Arc<crate::sampler::SamplingSlot>,
     pub use_sync_regs: bool,
     pub symbolize: Option<crate::vm::SymbolizeFn>,
     /// Debugger state shared with the gdb thread (breakpoint tables, watched pages, stop queue).
     pub debug: Arc<DebugShared>,
     pub debug_state: VcpuDebugState,
     pub exits: crate::exit_stats::SharedExitTable,
+    pub cpu_credit: CpuTimeCredit,
 }
 
 impl Vcpu {
@@ -316,16 +319,24 @@ impl Vcpu {
 
     fn drop_sample_request(&self) {
         if self.sample_request.take() {
-            if let Some(sink) = &self.sampling {
-                sink.loss.vcpu_not_running.fetch_add(1, Ordering::Relaxed);
+            if let Some(sink) = self.sampling.current() {
+                sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
     fn take_sample(&mut self) {
-        let Some(sink) = self.sampling.clone() else {
+        let Some(sink) = self.sampling.current() else {
             return;
         };
+        if sink.kick_only {
+            return;
+        }
+        let owed = self.cpu_credit.due(thread_cpu_time_ns(), sink.period_ns);
+        if owed == 0 {
+            sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let (rip, rbp, cs, ctx) = if self.use_sync_regs {
             let run = self.fd.get_kvm_run();
             // SAFETY: kvm_valid_regs asked KVM to fill `s.regs` on every exit; the union is plain data.
@@ -351,7 +362,7 @@ impl Vcpu {
                     },
                 ),
                 _ => {
-                    sink.loss.vcpu_not_running.fetch_add(1, Ordering::Relaxed);
+                    sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }
@@ -361,7 +372,7 @@ impl Vcpu {
         } else {
             Vec::new()
         };
-        sink.push(Sample {
+        let sample = Sample {
             time_ns: sink.epoch.elapsed().as_nanos() as u64,
             vcpu: self.id as u32,
             rip,
@@ -372,7 +383,11 @@ impl Vcpu {
             },
             cr3: ctx.cr3 & 0x000f_ffff_ffff_f000,
             callchain,
-        });
+        };
+        for _ in 1..owed {
+            sink.push(sample.clone());
+        }
+        sink.push(sample);
     }
 
     fn on_internal_error(&mut self) -> Option<VmEnd> {

@@ -1,9 +1,9 @@
 //! Building a VM (memory, irqchip, PIT, devices, kernel, vCPUs) and coordinating its life until it ends.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8};
+use std::sync::atomic::AtomicU8;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -21,7 +21,9 @@ use crate::exit::VmEnd;
 use crate::kick::{self, Kicker};
 use crate::paging::{self, PagingContext};
 use crate::probe::{HostCaps, ProbeError};
-use crate::sampler::{self, LossCounters, SampleRequest, SampleSink, SampleStream, SamplerConfig};
+use crate::sampler::{
+    SampleRequest, SampleStream, SamplerConfig, SamplerError, SamplingSession, SamplingSlot,
+};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuState};
 use crate::GuestRegisters;
 
@@ -58,6 +60,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Debug(#[from] crate::debug::DebugError),
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -104,6 +108,10 @@ struct ControlInner {
     debug: Arc<DebugShared>,
     vm_fd: Arc<VmFd>,
     ram: Vec<RamRegion>,
+    sampling: Arc<SamplingSlot>,
+    session: Mutex<Option<SamplingSession>>,
+    /// Zero of sample timestamps.
+    epoch: Instant,
 }
 
 impl VmControl {
@@ -200,6 +208,37 @@ impl VmControl {
         MemorySlots::new(self.inner.vm_fd.clone(), self.inner.ram.clone())
     }
 
+    /// Starts sampling every vCPU at `cfg.frequency_hz` of its CPU time; one session at a time.
+    pub fn start_sampling(&self, cfg: SamplerConfig) -> Result<SampleStream, SamplerError> {
+        let mut session = self.inner.session.lock().unwrap_or_else(|e| e.into_inner());
+        if session.is_some() {
+            return Err(SamplerError::Busy);
+        }
+        let targets = self
+            .inner
+            .vcpus
+            .iter()
+            .map(|h| (h.sample_request.clone(), h.kicker))
+            .collect();
+        let (s, stream) =
+            SamplingSession::start(&self.inner.sampling, cfg, self.inner.epoch, targets)?;
+        *session = Some(s);
+        Ok(stream)
+    }
+
+    /// Ends the sampling session, if any. Samples already queued stay readable from its stream.
+    pub fn stop_sampling(&self) {
+        let session = self
+            .inner
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(s) = session {
+            s.stop(&self.inner.sampling);
+        }
+    }
+
     /// Exit statistics of every vCPU, in vCPU order.
     pub fn exit_stats(&self) -> Vec<crate::exit_stats::VcpuExitStats> {
         self.inner
@@ -227,8 +266,6 @@ pub struct Vm {
     control: VmControl,
     events: Receiver<VcpuEvent>,
     threads: Vec<JoinHandle<()>>,
-    sampler_stop: Arc<AtomicBool>,
-    sampler_thread: Option<JoinHandle<()>>,
     devices: Arc<PioDevices>,
     // Kept alive for the life of the VM: dropping them tears the VM down.
     _vm_fd: Arc<VmFd>,
@@ -322,14 +359,7 @@ impl Vm {
 
         kick::install_handler();
         let (event_tx, events) = mpsc::channel();
-        let loss = Arc::new(LossCounters::default());
-        let (sample_tx, sample_rx) = match cfg.sampler {
-            Some(s) => {
-                let (tx, rx) = mpsc::sync_channel(s.queue_capacity);
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
+        let sampling = Arc::new(SamplingSlot::default());
         let epoch = Instant::now();
         let debug = Arc::new(DebugShared::new()?);
         let initial_state = if cfg.start_paused {
@@ -376,19 +406,13 @@ impl Vm {
                 mem: mem.clone(),
                 state: state.clone(),
                 sample_request: sample_request.clone(),
-                sampling: sample_tx.as_ref().map(|tx| {
-                    Arc::new(SampleSink {
-                        tx: tx.clone(),
-                        loss: loss.clone(),
-                        callchains: cfg.sampler.is_some_and(|s| s.callchains),
-                        epoch,
-                    })
-                }),
+                sampling: sampling.clone(),
                 use_sync_regs: caps.has_sync_regs(),
                 symbolize: cfg.symbolize.clone(),
                 debug: debug.clone(),
                 debug_state: VcpuDebugState::default(),
                 exits: exits.clone(),
+                cpu_credit: Default::default(),
             };
             let (kicker_tx, kicker_rx) = mpsc::channel();
             let thread = std::thread::Builder::new()
@@ -411,25 +435,6 @@ impl Vm {
                 exits,
             });
         }
-        drop(sample_tx);
-
-        let sampler_stop = Arc::new(AtomicBool::new(false));
-        let sampler_thread = match cfg.sampler {
-            Some(s) => {
-                let targets = handles
-                    .iter()
-                    .map(|h| (h.sample_request.clone(), h.kicker))
-                    .collect();
-                let (loss, stop) = (loss.clone(), sampler_stop.clone());
-                Some(
-                    std::thread::Builder::new()
-                        .name("sampler".into())
-                        .spawn(move || sampler::run_timer(s.frequency_hz, targets, loss, stop))
-                        .map_err(VmError::Thread)?,
-                )
-            }
-            None => None,
-        };
         let info = VmInfo {
             vcpus: cfg.cpus,
             mem_mib: cfg.mem_mib,
@@ -447,16 +452,20 @@ impl Vm {
                 debug,
                 vm_fd: vm_fd.clone(),
                 ram,
+                sampling,
+                session: Mutex::new(None),
+                epoch,
             }),
         };
-        let stream = sample_rx.map(|rx| SampleStream { rx, loss });
+        let stream = match cfg.sampler {
+            Some(s) => Some(control.start_sampling(s)?),
+            None => None,
+        };
         Ok((
             Vm {
                 control,
                 events,
                 threads,
-                sampler_stop,
-                sampler_thread,
                 devices,
                 _vm_fd: vm_fd,
             },
@@ -479,15 +488,11 @@ impl Vm {
             Ok(VcpuEvent::End(end)) => end,
             Err(_) => VmEnd::Stopped,
         };
-        self.sampler_stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.control.stop_sampling();
         for v in &self.control.inner.vcpus {
             let _ = v.send(VcpuRequest::Exit);
         }
         for t in self.threads {
-            let _ = t.join();
-        }
-        if let Some(t) = self.sampler_thread {
             let _ = t.join();
         }
         self.devices.flush_serial();

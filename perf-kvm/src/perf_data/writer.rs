@@ -379,9 +379,7 @@ impl PerfDataWriter {
 }
 
 fn loss_sum(loss: &SampleLoss) -> u64 {
-    loss.queue_full
-        .saturating_add(loss.vcpu_not_running)
-        .saturating_add(loss.ticks_skipped)
+    loss.lost()
 }
 
 struct HostUname {

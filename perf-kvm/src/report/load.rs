@@ -115,6 +115,8 @@ pub struct Profile {
     pub unfinished: Option<String>,
     /// Records the parser could not read (corruption); the report covers the rest.
     pub skipped_records: u64,
+    /// The guest kernel image the recorder named in HEADER_BUILD_ID, with its build-id.
+    pub guest_kernel_image: Option<(std::path::PathBuf, Vec<u8>)>,
 }
 
 pub fn load(path: &Path) -> Result<Profile, LoadError> {
@@ -149,6 +151,14 @@ pub fn load(path: &Path) -> Result<Profile, LoadError> {
         unfinished,
         ..Profile::default()
     };
+    if let Ok(ids) = perf_file.build_ids() {
+        profile.guest_kernel_image = ids.get(&linux_perf_data::DsoKey::GuestKernel).map(|info| {
+            (
+                String::from_utf8_lossy(&info.path).into_owned().into(),
+                info.build_id.clone(),
+            )
+        });
+    }
     if let Some(attr) = perf_file.event_attributes().first() {
         profile.event_name = attr.name().unwrap_or("cpu-clock").to_owned();
     }

@@ -118,7 +118,34 @@ pub fn run_report(
     out: &mut dyn Write,
 ) -> Result<ReportSummary, ReportError> {
     let profile = load::load(&options.input)?;
-    let mut resolver = Resolver::new(&options.symbols)?;
+    let mut recorded_image_warning = None;
+    let mut sources = options.symbols.clone();
+    if sources.guest_vmlinux.is_none() && sources.guest_kallsyms.is_none() {
+        // Like perf's build-id cache: find the image whose build-id the recorder wrote, among the files the
+        // recording names (the test guest's one ELF carries both its kernel and its ring-3 code).
+        if let Some((named, id)) = &profile.guest_kernel_image {
+            let mut candidates: Vec<std::path::PathBuf> = vec![named.clone()];
+            for maps in profile.mappings.values() {
+                for m in maps {
+                    let p = std::path::PathBuf::from(&m.path);
+                    if !candidates.contains(&p) {
+                        candidates.push(p);
+                    }
+                }
+            }
+            let matches = |p: &std::path::Path| matches!(symbols::build_id(p), Ok(Some(found)) if found.starts_with(id) || id.starts_with(&found));
+            match candidates.into_iter().find(|p| p.is_file() && matches(p)) {
+                Some(p) => sources.guest_vmlinux = Some(p),
+                None => {
+                    recorded_image_warning = Some(format!(
+                        "no guest kernel image with the recorded build-id {} was found; give --guest-vmlinux",
+                        id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                    ))
+                }
+            }
+        }
+    }
+    let mut resolver = Resolver::new(&sources)?;
     let samples = resolve_samples(&profile, &mut resolver, options.vcpu);
     let mut summary = ReportSummary {
         samples: samples.len(),
@@ -126,6 +153,7 @@ pub fn run_report(
         ..ReportSummary::default()
     };
     summary.warnings.extend(profile.unfinished.iter().cloned());
+    summary.warnings.extend(recorded_image_warning);
     if profile.skipped_records > 0 {
         summary.warnings.push(format!(
             "skipped {} corrupt record(s)",

@@ -6,30 +6,44 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Every `out` instruction the guest has executed, on every CPU.
 pub static PORT_WRITES: AtomicU64 = AtomicU64::new(0);
+/// The part of PORT_WRITES that went to the PIT (0x40–0x43) or the PICs (0x20, 0x21, 0xa0, 0xa1): with KVM's
+/// in-kernel irqchip and PIT those never reach the VMM as I/O exits.
+pub static PIT_PIC_WRITES: AtomicU64 = AtomicU64::new(0);
 
 #[inline(always)]
 pub fn outb(port: u16, v: u8) {
     PORT_WRITES.fetch_add(1, Ordering::Relaxed);
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
+    if matches!(port, 0x20 | 0x21 | 0xa0 | 0xa1 | 0x40..=0x43) {
+        PIT_PIC_WRITES.fetch_add(1, Ordering::Relaxed);
+    }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline(always)]
 pub fn outl(port: u16, v: u32) {
     PORT_WRITES.fetch_add(1, Ordering::Relaxed);
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline(always)]
 pub fn inb(port: u16) -> u8 {
     let v: u8;
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
 #[inline(always)]
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
     (hi as u64) << 32 | lo as u64
 }
 

@@ -5,6 +5,7 @@
 //! - `boot_pml4[0]`   → identity map of physical 0..4 GiB (2 MiB pages; only boot code and the trampoline use it)
 //! - `boot_pml4[256]` → direct map: `DIRECT_MAP + phys` for physical 0..4 GiB
 //! - `boot_pml4[511]` → kernel map: `KERNEL_VMA + phys` for physical 0..2 GiB
+//!
 //! Each CPU's own address space copies entries 256 and 511 and puts its user mappings in entry 0 and 255.
 
 /// Kernel link address minus load address.
@@ -44,6 +45,22 @@ core::arch::global_asm!(
     .set STACK_SIZE, 16384
     .set MAX_CPUS, 32
 
+    /* 32-bit code, paging off: PAE, CR3 = \cr3 (an operand), EFER.LME|SCE, then CR0.PG|WP|PE. */
+    .macro ENABLE_LONG_MODE cr3
+    mov %cr4, %eax
+    or $0x20, %eax
+    mov %eax, %cr4
+    mov \cr3, %eax
+    mov %eax, %cr3
+    mov $0xc0000080, %ecx
+    rdmsr
+    or $0x101, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80010001, %eax
+    mov %eax, %cr0
+    .endm
+
     /* Xen PVH entry note: XEN_ELFNOTE_PHYS32_ENTRY (18), name "Xen", physical entry address. */
     .section .note.Xen, "a", @note
     .balign 4
@@ -78,19 +95,7 @@ pvh_start32:
     shr $2, %ecx
     xor %eax, %eax
     rep stosl
-    /* PAE, then EFER.LME|SCE, then PG|WP|PE. */
-    mov %cr4, %eax
-    or $0x20, %eax
-    mov %eax, %cr4
-    mov $(boot_pml4 - KOFF), %eax
-    mov %eax, %cr3
-    mov $0xc0000080, %ecx
-    rdmsr
-    or $0x101, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax
-    mov %eax, %cr0
+    ENABLE_LONG_MODE $(boot_pml4-KOFF)
     ljmp $0x18, $boot64
     .size pvh_start32, . - pvh_start32
 
@@ -167,18 +172,7 @@ ap_tramp32:
     mov %eax, %ds
     mov %eax, %es
     mov %eax, %ss
-    mov %cr4, %eax
-    or $0x20, %eax
-    mov %eax, %cr4
-    mov (TRAMP + ap_tramp_cr3 - ap_tramp_start), %eax
-    mov %eax, %cr3
-    mov $0xc0000080, %ecx
-    rdmsr
-    or $0x101, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax
-    mov %eax, %cr0
+    ENABLE_LONG_MODE (TRAMP+ap_tramp_cr3-ap_tramp_start)
     ljmp $0x18, $(TRAMP + ap_tramp64 - ap_tramp_start)
     .code64
 ap_tramp64:

@@ -8,6 +8,7 @@ use crate::user::{NWORK, USER_COLD, USER_HOT_A, USER_HOT_B, WORK_NAMES};
 pub const HVM_START_MAGIC: u32 = 0x336e_c578;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub enum Fault {
     None,
     Triple,
@@ -66,7 +67,9 @@ static mut CMDLINE: [u8; 1024] = [0; 1024];
 static mut CMDLINE_LEN: usize = 0;
 
 pub fn cmdline() -> &'static [u8] {
-    unsafe { &*core::ptr::slice_from_raw_parts(core::ptr::addr_of!(CMDLINE) as *const u8, CMDLINE_LEN) }
+    unsafe {
+        &*core::ptr::slice_from_raw_parts(core::ptr::addr_of!(CMDLINE) as *const u8, CMDLINE_LEN)
+    }
 }
 
 /// Reads `hvm_start_info` at physical `pa`: copies the command line, reads the memory map.
@@ -74,7 +77,12 @@ pub fn read_start_info(pa: u64) -> Boot {
     let si = phys::<u32>(pa);
     let magic = unsafe { *si };
     if magic != HVM_START_MAGIC {
-        Line::new().s("guest: bad hvm_start_info magic ").hex(magic as u64).s(" at ").hex(pa).print();
+        Line::new()
+            .s("guest: bad hvm_start_info magic ")
+            .hex(magic as u64)
+            .s(" at ")
+            .hex(pa)
+            .print();
         crate::arch::exit(2);
     }
     let r64 = |off: u64| unsafe { *phys::<u64>(pa + off) };
@@ -99,7 +107,8 @@ pub fn read_start_info(pa: u64) -> Boot {
     if version >= 1 && memmap_pa != 0 {
         for i in 0..memmap_n.min(128) {
             let e = memmap_pa + i * 24;
-            let (addr, size, ty) = unsafe { (*phys::<u64>(e), *phys::<u64>(e + 8), *phys::<u32>(e + 16)) };
+            let (addr, size, ty) =
+                unsafe { (*phys::<u64>(e), *phys::<u64>(e + 8), *phys::<u32>(e + 16)) };
             let free = crate::paging::FREE_START;
             if ty == 1 && addr <= free && addr + size > free {
                 free_end = (addr + size).min(0x1_0000_0000);
@@ -124,7 +133,13 @@ fn number(v: &[u8]) -> Option<u64> {
 }
 
 fn bad(what: &str, v: &[u8]) -> ! {
-    Line::new().s("guest: bad ").s(what).s(" '").bytes(v).s("'").print();
+    Line::new()
+        .s("guest: bad ")
+        .s(what)
+        .s(" '")
+        .bytes(v)
+        .s("'")
+        .print();
     crate::arch::exit(2)
 }
 
@@ -137,10 +152,16 @@ fn parse_work(v: &[u8], c: &mut Config) {
             continue;
         }
         let (name, weight) = match item.iter().position(|&b| b == b':') {
-            Some(p) => (&item[..p], number(&item[p + 1..]).unwrap_or_else(|| bad("work weight", item))),
+            Some(p) => (
+                &item[..p],
+                number(&item[p + 1..]).unwrap_or_else(|| bad("work weight", item)),
+            ),
             None => (item, 1),
         };
-        let id = WORK_NAMES.iter().position(|n| n.as_bytes() == name).unwrap_or_else(|| bad("work function", name));
+        let id = WORK_NAMES
+            .iter()
+            .position(|n| n.as_bytes() == name)
+            .unwrap_or_else(|| bad("work function", name));
         if weight == 0 {
             continue;
         }
@@ -173,9 +194,21 @@ pub fn parse(s: &[u8]) -> Config {
         };
         match k {
             b"work" => parse_work(v, &mut c),
-            b"secs" => c.secs = number(v).filter(|&s| s <= 300).unwrap_or_else(|| bad("secs", v)),
-            b"hz" => c.hz = number(v).filter(|&h| h <= 5000).unwrap_or_else(|| bad("hz", v)),
-            b"slice_us" => c.slice_us = number(v).filter(|&s| s >= 10).unwrap_or_else(|| bad("slice_us", v)),
+            b"secs" => {
+                c.secs = number(v)
+                    .filter(|&s| s <= 300)
+                    .unwrap_or_else(|| bad("secs", v))
+            }
+            b"hz" => {
+                c.hz = number(v)
+                    .filter(|&h| h <= 5000)
+                    .unwrap_or_else(|| bad("hz", v))
+            }
+            b"slice_us" => {
+                c.slice_us = number(v)
+                    .filter(|&s| s >= 10)
+                    .unwrap_or_else(|| bad("slice_us", v))
+            }
             b"syscall" => {
                 c.int80 = match v {
                     b"int80" => true,
@@ -185,10 +218,18 @@ pub fn parse(s: &[u8]) -> Config {
             }
             b"cpus" => c.cpus = number(v).unwrap_or_else(|| bad("cpus", v)),
             b"fault" => {
-                c.fault = FAULT_NAMES.iter().find(|f| f.0.as_bytes() == v).map(|f| f.1).unwrap_or_else(|| bad("fault", v))
+                c.fault = FAULT_NAMES
+                    .iter()
+                    .find(|f| f.0.as_bytes() == v)
+                    .map(|f| f.1)
+                    .unwrap_or_else(|| bad("fault", v))
             }
             _ => {
-                Line::new().s("guest: ignoring option '").bytes(tok).s("'").print();
+                Line::new()
+                    .s("guest: ignoring option '")
+                    .bytes(tok)
+                    .s("'")
+                    .print();
             }
         }
     }

@@ -61,7 +61,10 @@ pub struct Line {
 
 impl Line {
     pub fn new() -> Line {
-        Line { buf: [0; 240], len: 0 }
+        Line {
+            buf: [0; 240],
+            len: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -126,7 +129,7 @@ impl Line {
             p >>= 1;
             w >>= 1;
         }
-        let permille = if w == 0 { 0 } else { (p * 1000 + w / 2) / w };
+        let permille = (p * 1000 + w / 2).checked_div(w).unwrap_or(0);
         self.dec(permille / 10).byte(b'.').dec(permille % 10)
     }
 

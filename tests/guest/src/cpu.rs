@@ -74,7 +74,15 @@ const fn cpu_init() -> Cpu {
         result: crate::user::UserResult::ZERO,
         user_cr3: 0,
         gdt: [0; GDT_ENTRIES],
-        tss: Tss { _r0: 0, rsp: [0; 3], _r1: 0, ist: [0; 7], _r2: 0, _r3: 0, iomap_base: 104 },
+        tss: Tss {
+            _r0: 0,
+            rsp: [0; 3],
+            _r1: 0,
+            ist: [0; 7],
+            _r2: 0,
+            _r3: 0,
+            iomap_base: 104,
+        },
     }
 }
 
@@ -119,9 +127,12 @@ pub fn init(idx: usize) {
         0x00af_fa00_0000_ffff, // 0x33 user code64
         0,
         103 | (tss & 0xff_ffff) << 16 | 0x89 << 40 | (tss >> 24 & 0xff) << 56, // 0x40 TSS (low)
-        tss >> 32,                                                               // TSS (high)
+        tss >> 32,                                                             // TSS (high)
     ];
-    let gdtr = DescPtr { limit: (GDT_ENTRIES * 8 - 1) as u16, base: core::ptr::addr_of!(c.gdt) as u64 };
+    let gdtr = DescPtr {
+        limit: (GDT_ENTRIES * 8 - 1) as u16,
+        base: core::ptr::addr_of!(c.gdt) as u64,
+    };
     unsafe {
         asm!(
             "lgdt [{g}]",
@@ -146,7 +157,10 @@ pub fn init(idx: usize) {
     }
     interrupts::load_idt();
     // syscall: STAR (kernel CS 0x10 / SS 0x18; sysret CS 0x33 / SS 0x2b), LSTAR, FMASK (IF, DF, TF, AC).
-    wrmsr(0xc000_0081, ((USER32_CS as u64) << 48) | ((KERNEL_CS as u64) << 32));
+    wrmsr(
+        0xc000_0081,
+        ((USER32_CS as u64) << 48) | ((KERNEL_CS as u64) << 32),
+    );
     wrmsr(0xc000_0082, crate::syscall::entry_address());
     wrmsr(0xc000_0084, 0x4_4700);
     wrmsr(0xc000_0101, 0); // GS_BASE (user)

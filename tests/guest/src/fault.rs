@@ -33,13 +33,23 @@ pub fn run(f: Fault) {
             let p = phys::<u32>(MMIO_FAULT_PA);
             unsafe { core::ptr::write_volatile(p, 0xdead_beef) };
             let v = unsafe { core::ptr::read_volatile(p) };
-            Line::new().s("guest-fault: mmio addr=").hex(MMIO_FAULT_PA).s(" wrote=0xdeadbeef read=").hex(v as u64).print();
+            Line::new()
+                .s("guest-fault: mmio addr=")
+                .hex(MMIO_FAULT_PA)
+                .s(" wrote=0xdeadbeef read=")
+                .hex(v as u64)
+                .print();
             exit(EXIT_MMIO);
         }
         Fault::Port => {
             outb(PORT_FAULT, 0x5a);
             let v = inb(PORT_FAULT);
-            Line::new().s("guest-fault: port port=").hex(PORT_FAULT as u64).s(" wrote=0x5a read=").hex(v as u64).print();
+            Line::new()
+                .s("guest-fault: port port=")
+                .hex(PORT_FAULT as u64)
+                .s(" wrote=0x5a read=")
+                .hex(v as u64)
+                .print();
             exit(EXIT_PORT);
         }
         Fault::Int3 => {
@@ -47,9 +57,15 @@ pub fn run(f: Fault) {
             unsafe { core::arch::asm!("int3", options(nomem, nostack)) };
         }
         Fault::PageFault => {
-            Line::new().s("guest-fault: pagefault: ring-0 read of ").hex(KERNEL_FAULT_ADDR).print();
+            Line::new()
+                .s("guest-fault: pagefault: ring-0 read of ")
+                .hex(KERNEL_FAULT_ADDR)
+                .print();
             let v = unsafe { core::ptr::read_volatile(KERNEL_FAULT_ADDR as *const u64) };
-            Line::new().s("guest-fault: pagefault: read returned ").hex(v).print();
+            Line::new()
+                .s("guest-fault: pagefault: read returned ")
+                .hex(v)
+                .print();
         }
     }
     // A fault that did not stop the guest.

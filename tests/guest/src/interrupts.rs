@@ -25,7 +25,15 @@ struct Gate {
     _r: u32,
 }
 
-static mut IDT: [Gate; 256] = [Gate { off_lo: 0, sel: 0, ist: 0, attr: 0, off_mid: 0, off_hi: 0, _r: 0 }; 256];
+static mut IDT: [Gate; 256] = [Gate {
+    off_lo: 0,
+    sel: 0,
+    ist: 0,
+    attr: 0,
+    off_mid: 0,
+    off_hi: 0,
+    _r: 0,
+}; 256];
 
 extern "C" {
     static exception_stubs: [u64; 32];
@@ -49,20 +57,33 @@ fn set_gate(v: usize, handler: u64, ist: u8, dpl: u8) {
 
 /// Fills the IDT (once, on the BSP).
 pub fn build_idt() {
-    for v in 0..32 {
-        let stub = unsafe { exception_stubs[v] };
+    let stubs = unsafe { &*core::ptr::addr_of!(exception_stubs) };
+    for (v, &stub) in stubs.iter().enumerate() {
         // NMI and double fault on IST1; #BP callable from ring 3 (int3 in user code reaches the handler).
         let ist = if v == 2 || v == 8 { 1 } else { 0 };
         let dpl = if v == 3 { 3 } else { 0 };
         set_gate(v, stub, ist, dpl);
     }
     set_gate(TIMER_VECTOR as usize, timer_entry as *const () as u64, 0, 0);
-    set_gate(SPURIOUS_VECTOR as usize, spurious_entry as *const () as u64, 0, 0);
-    set_gate(crate::syscall::SYSCALL_VECTOR, crate::syscall::int80_address(), 0, 3);
+    set_gate(
+        SPURIOUS_VECTOR as usize,
+        spurious_entry as *const () as u64,
+        0,
+        0,
+    );
+    set_gate(
+        crate::syscall::SYSCALL_VECTOR,
+        crate::syscall::int80_address(),
+        0,
+        3,
+    );
 }
 
 pub fn load_idt() {
-    let p = cpu::DescPtr { limit: (256 * 16 - 1) as u16, base: core::ptr::addr_of!(IDT) as u64 };
+    let p = cpu::DescPtr {
+        limit: (256 * 16 - 1) as u16,
+        base: core::ptr::addr_of!(IDT) as u64,
+    };
     unsafe { core::arch::asm!("lidt [{}]", in(reg) &p, options(nostack)) };
 }
 
@@ -100,8 +121,9 @@ pub struct Frame {
 }
 
 const NAMES: [&str; 32] = [
-    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS", "#GP", "#PF", "#15",
-    "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#22", "#23", "#24", "#25", "#26", "#27", "#HV", "#VC", "#SX", "#31",
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
+    "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#22", "#23", "#24", "#25",
+    "#26", "#27", "#HV", "#VC", "#SX", "#31",
 ];
 
 /// Called by every exception stub. Returns only for an `int 0x80` that the host turned into #UD (PVM: "INT n"
@@ -117,24 +139,40 @@ extern "C" fn exception_handler(f: &mut Frame) {
 }
 
 fn is_int80(rip: u64) -> bool {
-    let (lo, hi) = (crate::paging::USER_BASE, crate::paging::USER_BASE + 0x20_0000 - 2);
+    let (lo, hi) = (
+        crate::paging::USER_BASE,
+        crate::paging::USER_BASE + 0x20_0000 - 2,
+    );
     rip >= lo && rip <= hi && unsafe { core::ptr::read_unaligned(rip as *const u16) } == 0x80cd
 }
 
 fn report(f: &Frame) -> ! {
     let v = (f.vector & 31) as usize;
     let mut l = Line::new();
-    l.s("guest-exception cpu").dec(cpu::apic_id_or_zero() as u64);
+    l.s("guest-exception cpu")
+        .dec(cpu::apic_id_or_zero() as u64);
     l.s(": vector=").dec(f.vector).s(" ").s(NAMES[v]);
-    l.s(" rip=").hex(f.rip).s(" error=").hex(f.error).s(" cr2=").hex(read_cr2());
-    l.s(" cs=").hex(f.cs).s(" rsp=").hex(f.rsp).s(" rflags=").hex(f.rflags);
+    l.s(" rip=")
+        .hex(f.rip)
+        .s(" error=")
+        .hex(f.error)
+        .s(" cr2=")
+        .hex(read_cr2());
+    l.s(" cs=")
+        .hex(f.cs)
+        .s(" rsp=")
+        .hex(f.rsp)
+        .s(" rflags=")
+        .hex(f.rflags);
     l.print();
     crate::arch::exit(EXCEPTION_EXIT_BASE + v as u32)
 }
 
 #[no_mangle]
 extern "C" fn timer_interrupt() {
-    cpu::cpu(cpu::current()).ticks.fetch_add(1, Ordering::Relaxed);
+    cpu::cpu(cpu::current())
+        .ticks
+        .fetch_add(1, Ordering::Relaxed);
     wrmsr(0x80b, 0); // EOI
 }
 

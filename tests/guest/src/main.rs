@@ -47,7 +47,11 @@ pub extern "C" fn kmain(start_info: u32) -> ! {
     if boot.free_end > paging::FREE_START {
         paging::FREE_END.store(boot.free_end, Ordering::Relaxed);
     }
-    Line::new().s("guest: cmdline \"").bytes(cmdline::cmdline()).s("\"").print();
+    Line::new()
+        .s("guest: cmdline \"")
+        .bytes(cmdline::cmdline())
+        .s("\"")
+        .print();
     unsafe { CONFIG = cmdline::parse(cmdline::cmdline()) };
     let cfg = config();
 
@@ -70,17 +74,31 @@ pub extern "C" fn kmain(start_info: u32) -> ! {
         timer::TscSource::Cpuid => "cpuid",
         timer::TscSource::Guess => "guess",
     };
-    Line::new().s("guest: tsc_hz=").dec(tsc_hz).s(" (").s(src).s(") lapic_hz=").dec(lapic_hz).print();
+    Line::new()
+        .s("guest: tsc_hz=")
+        .dec(tsc_hz)
+        .s(" (")
+        .s(src)
+        .s(") lapic_hz=")
+        .dec(lapic_hz)
+        .print();
 
     let (expected, how) = smp::expected_cpus(cfg.cpus, boot.rsdp);
     let n = smp::start_aps(expected, tsc_hz);
     NCPUS.store(n as u64, Ordering::Relaxed);
     let mut l = Line::new();
-    l.s("guest: cpus=").dec(n as u64).s(" expected=").dec(expected as u64).s(" (").s(how.name()).s(") apic_ids=");
+    l.s("guest: cpus=")
+        .dec(n as u64)
+        .s(" expected=")
+        .dec(expected as u64)
+        .s(" (")
+        .s(how.name())
+        .s(") apic_ids=");
     let mut first = true;
     for i in 0..MAX_CPUS {
         if participates(i) {
-            l.s(if first { "" } else { "," }).dec(cpu::cpu(i).apic_id.load(Ordering::Relaxed) as u64);
+            l.s(if first { "" } else { "," })
+                .dec(cpu::cpu(i).apic_id.load(Ordering::Relaxed) as u64);
             first = false;
         }
     }
@@ -89,7 +107,11 @@ pub extern "C" fn kmain(start_info: u32) -> ! {
     fault::run(cfg.fault);
 
     let mut l = Line::new();
-    l.s("guest: workload start secs=").dec(cfg.secs).s(" hz=").dec(cfg.hz).s(" work=");
+    l.s("guest: workload start secs=")
+        .dec(cfg.secs)
+        .s(" hz=")
+        .dec(cfg.hz)
+        .s(" work=");
     cmdline::print_work(&mut l, cfg);
     l.print();
     smp::GO.store(true, Ordering::Release);
@@ -169,13 +191,17 @@ fn run_worker(idx: usize) -> ! {
 /// Absolute address of `user_main` (a RIP-relative reference from the kernel could not reach 0x400000).
 fn user_entry_address() -> u64 {
     let a: u64;
-    unsafe { core::arch::asm!("movabs {}, offset {}", out(reg) a, sym user::user_main, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("movabs {}, offset {}", out(reg) a, sym user::user_main, options(nomem, nostack))
+    };
     a
 }
 
 fn user_counter_value() -> u64 {
     let a: u64;
-    unsafe { core::arch::asm!("movabs {}, offset {}", out(reg) a, sym user::user_counter, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("movabs {}, offset {}", out(reg) a, sym user::user_counter, options(nomem, nostack))
+    };
     unsafe { (*phys::<AtomicU64>(a)).load(Ordering::Relaxed) }
 }
 
@@ -219,11 +245,13 @@ fn finish() -> ! {
     for &i in order.iter() {
         let c = cpu::cpu(i);
         let mut l = Line::new();
-        l.s("guest-truth cpu").dec(c.apic_id.load(Ordering::Relaxed) as u64).s(":");
+        l.s("guest-truth cpu")
+            .dec(c.apic_id.load(Ordering::Relaxed) as u64)
+            .s(":");
         truth(&mut l, cfg, &c.result.spent);
         l.print();
-        for k in 0..NWORK {
-            total[k] += c.result.spent[k];
+        for (t, s) in total.iter_mut().zip(c.result.spent.iter()) {
+            *t += s;
         }
     }
     let mut l = Line::new();
@@ -233,11 +261,20 @@ fn finish() -> ! {
     for &i in order.iter() {
         let c = cpu::cpu(i);
         let mut l = Line::new();
-        l.s("guest-stats cpu").dec(c.apic_id.load(Ordering::Relaxed) as u64).s(": ticks=").dec(c.ticks.load(Ordering::Relaxed));
+        l.s("guest-stats cpu")
+            .dec(c.apic_id.load(Ordering::Relaxed) as u64)
+            .s(": ticks=")
+            .dec(c.ticks.load(Ordering::Relaxed));
         for j in 0..cfg.n {
             let k = cfg.ids[j] as usize;
-            l.s(" ").s(WORK_NAMES[k]).s("_ms=").dec(c.result.spent[k] / (tsc_hz / 1000).max(1));
-            l.s(" ").s(WORK_NAMES[k]).s("_slices=").dec(c.result.slices[k]);
+            l.s(" ")
+                .s(WORK_NAMES[k])
+                .s("_ms=")
+                .dec(c.result.spent[k] / (tsc_hz / 1000).max(1));
+            l.s(" ")
+                .s(WORK_NAMES[k])
+                .s("_slices=")
+                .dec(c.result.slices[k]);
         }
         l.print();
     }
@@ -259,19 +296,28 @@ fn truth(l: &mut Line, cfg: &Config, spent: &[u64; NWORK]) {
     }
 }
 
-/// Prints `guest-io: port_writes=N` and exits, where N counts every port write of the run: all before this line,
-/// the line's own bytes (one `out` each, newline included) and the final 32-bit write to the exit port.
+/// Prints `guest-io: port_writes=N pit_pic_writes=M` and exits. N counts every port write of the run: all before
+/// this line, the line's own bytes (one `out` each, newline included) and the final 32-bit write to the exit port.
+/// M is the part of N that went to the PIT and PIC ports (all of it before this line).
 fn print_io_and_exit() -> ! {
     const PREFIX: &str = "guest-io: port_writes=";
+    const MIDDLE: &str = " pit_pic_writes=";
     let before = PORT_WRITES.load(Ordering::Relaxed);
+    let pit_pic = arch::PIT_PIC_WRITES.load(Ordering::Relaxed);
+    let fixed = (PREFIX.len() + MIDDLE.len() + Line::new().dec(pit_pic).len() + 1) as u64; // + newline
     let mut total = before;
     for digits in 1..=20u64 {
-        total = before + PREFIX.len() as u64 + digits + 1 + 1;
+        total = before + fixed + digits + 1; // + the exit write
         if Line::new().dec(total).len() as u64 == digits {
             break;
         }
     }
-    Line::new().s(PREFIX).dec(total).print();
+    Line::new()
+        .s(PREFIX)
+        .dec(total)
+        .s(MIDDLE)
+        .dec(pit_pic)
+        .print();
     exit(EXIT_OK)
 }
 

@@ -69,12 +69,21 @@ pub fn build_user_space() -> UserSpace {
     let mut top_page = 0;
     for i in 1..=USER_STACK_PAGES {
         let va = USER_STACK_TOP - i * 4096;
-        let pt = next(next(next(pml4, (va >> 39 & 511) as usize), (va >> 30 & 511) as usize), (va >> 21 & 511) as usize);
+        let pt = next(
+            next(
+                next(pml4, (va >> 39 & 511) as usize),
+                (va >> 30 & 511) as usize,
+            ),
+            (va >> 21 & 511) as usize,
+        );
         let page = alloc_page();
         table(pt)[(va >> 12 & 511) as usize] = page | P | RW | US;
         if i == 1 {
             top_page = page;
         }
     }
-    UserSpace { cr3: pml4, top_page }
+    UserSpace {
+        cr3: pml4,
+        top_page,
+    }
 }

@@ -8,7 +8,9 @@
 //! or, with no count known, until no AP has checked in for 200 ms.
 
 use crate::arch::{rdtsc, wrmsr};
-use crate::boot::{ap_tramp_cr3, ap_tramp_end, ap_tramp_start, boot_pml4, kernel_phys, phys, MAX_CPUS, TRAMPOLINE};
+use crate::boot::{
+    ap_tramp_cr3, ap_tramp_end, ap_tramp_start, boot_pml4, kernel_phys, phys, MAX_CPUS, TRAMPOLINE,
+};
 use crate::cpu::{self, STATE_ABSENT, STATE_LATE, STATE_READY};
 use crate::timer::delay_ticks;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -72,9 +74,13 @@ fn scan(start: u64, end: u64, sig: u64, sig_len: u32, csum_len: u64) -> Option<u
 fn mptable_cpus() -> Option<u32> {
     const MP: u64 = 0x5f50_4d5f; // "_MP_"
     let ebda = (rd16(0x40e) as u64) << 4;
-    let fp = (if ebda >= 0x8_0000 && ebda < 0xa_0000 { scan(ebda, ebda + 1024, MP, 4, 16) } else { None })
-        .or_else(|| scan(0x9_fc00, 0xa_0000, MP, 4, 16))
-        .or_else(|| scan(0xf_0000, 0x10_0000, MP, 4, 16))?;
+    let fp = (if (0x8_0000..0xa_0000).contains(&ebda) {
+        scan(ebda, ebda + 1024, MP, 4, 16)
+    } else {
+        None
+    })
+    .or_else(|| scan(0x9_fc00, 0xa_0000, MP, 4, 16))
+    .or_else(|| scan(0xf_0000, 0x10_0000, MP, 4, 16))?;
     let table = rd32(fp + 4) as u64;
     if table == 0 || rd32(table) != 0x504d_4350 {
         return None; // "PCMP"
@@ -99,8 +105,16 @@ fn mptable_cpus() -> Option<u32> {
 /// Enabled processors (local APIC and x2APIC entries) in the ACPI MADT.
 fn madt_cpus(rsdp_hint: u64) -> Option<u32> {
     const RSDP: u64 = 0x2052_5450_2044_5352; // "RSD PTR "
-    let rsdp = if rsdp_hint != 0 && rd64(rsdp_hint) == RSDP { rsdp_hint } else { scan(0xe_0000, 0x10_0000, RSDP, 8, 20)? };
-    let (root, entry) = if rd8(rsdp + 15) >= 2 && rd64(rsdp + 24) != 0 { (rd64(rsdp + 24), 8) } else { (rd32(rsdp + 16) as u64, 4) };
+    let rsdp = if rsdp_hint != 0 && rd64(rsdp_hint) == RSDP {
+        rsdp_hint
+    } else {
+        scan(0xe_0000, 0x10_0000, RSDP, 8, 20)?
+    };
+    let (root, entry) = if rd8(rsdp + 15) >= 2 && rd64(rsdp + 24) != 0 {
+        (rd64(rsdp + 24), 8)
+    } else {
+        (rd32(rsdp + 16) as u64, 4)
+    };
     if root == 0 || root >= 0x1_0000_0000 {
         return None;
     }
@@ -132,7 +146,10 @@ fn madt_cpus(rsdp_hint: u64) -> Option<u32> {
 
 pub fn expected_cpus(cmdline_cpus: u64, rsdp: u64) -> (u32, CountSource) {
     if cmdline_cpus > 0 {
-        return (cmdline_cpus.min(MAX_CPUS as u64) as u32, CountSource::Cmdline);
+        return (
+            cmdline_cpus.min(MAX_CPUS as u64) as u32,
+            CountSource::Cmdline,
+        );
     }
     // The MADT first: firmware such as SeaBIOS writes an MP table listing only the CPUs it managed to wake itself,
     // while QEMU writes the MADT from its own configuration.
@@ -187,13 +204,20 @@ pub fn start_aps(expected: u32, tsc_hz: u64) -> u32 {
         crate::arch::pause();
     }
     mark_late();
-    1 + (1..MAX_CPUS).filter(|&i| cpu::cpu(i).state.load(Ordering::Acquire) == STATE_READY).count() as u32
+    1 + (1..MAX_CPUS)
+        .filter(|&i| cpu::cpu(i).state.load(Ordering::Acquire) == STATE_READY)
+        .count() as u32
 }
 
 /// Marks every slot whose AP has not checked in: such an AP parks when it arrives.
 fn mark_late() {
     for i in 1..MAX_CPUS {
-        let _ = cpu::cpu(i).state.compare_exchange(STATE_ABSENT, STATE_LATE, Ordering::AcqRel, Ordering::Acquire);
+        let _ = cpu::cpu(i).state.compare_exchange(
+            STATE_ABSENT,
+            STATE_LATE,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 }
 
@@ -201,7 +225,12 @@ fn mark_late() {
 pub fn check_in(idx: usize) -> bool {
     let ok = cpu::cpu(idx)
         .state
-        .compare_exchange(STATE_ABSENT, STATE_READY, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(
+            STATE_ABSENT,
+            STATE_READY,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
         .is_ok();
     if ok {
         CHECKED_IN.fetch_add(1, Ordering::Release);

@@ -79,7 +79,9 @@ pub extern "C" fn syscall_dispatch(a0: u64, a1: u64, _a2: u64, nr: u64) -> u64 {
             if !user_range_ok(a0, a1) {
                 return u64::MAX;
             }
-            crate::console::write_bytes(unsafe { core::slice::from_raw_parts(a0 as *const u8, a1 as usize) });
+            crate::console::write_bytes(unsafe {
+                core::slice::from_raw_parts(a0 as *const u8, a1 as usize)
+            });
             a1
         }
         SYS_EXIT => crate::arch::exit(a0 as u32),

@@ -54,7 +54,10 @@ pub struct UserResult {
 }
 
 impl UserResult {
-    pub const ZERO: UserResult = UserResult { spent: [0; NWORK], slices: [0; NWORK] };
+    pub const ZERO: UserResult = UserResult {
+        spent: [0; NWORK],
+        slices: [0; NWORK],
+    };
 }
 
 #[no_mangle]
@@ -151,18 +154,16 @@ pub extern "C" fn user_hot_a(ticks: u64) -> u64 {
     acc
 }
 
-/// Hot function that spends its time in its own body.
-#[no_mangle]
-#[inline(never)]
-#[link_section = ".user.text"]
-pub extern "C" fn user_hot_b(ticks: u64) -> u64 {
+/// Rounds of USER_FLAT_ITERS applications of `step`, `user_counter` bumped after each, until `ticks` have passed.
+/// Always inlined, so the time shows up in the calling function's own body.
+#[inline(always)]
+fn flat_rounds(ticks: u64, mut v: u64, step: impl Fn(u64) -> u64) -> u64 {
     let end = urdtsc() + ticks;
-    let mut v = 0x9e37_79b9_7f4a_7c15u64;
     loop {
         let n = black_box(USER_FLAT_ITERS);
         let mut i = 0;
         while i < n {
-            v = xorshift(v);
+            v = step(v);
             i += 1;
         }
         user_counter.fetch_add(1, Ordering::Relaxed);
@@ -173,26 +174,23 @@ pub extern "C" fn user_hot_b(ticks: u64) -> u64 {
     v
 }
 
-/// The cold function: same shape as `user_hot_b`, different arithmetic.
+/// Hot function that spends its time in its own body (xorshift rounds).
+#[no_mangle]
+#[inline(never)]
+#[link_section = ".user.text"]
+pub extern "C" fn user_hot_b(ticks: u64) -> u64 {
+    flat_rounds(ticks, 0x9e37_79b9_7f4a_7c15, xorshift)
+}
+
+/// The cold function: same shape as `user_hot_b`, different arithmetic (LCG rounds).
 #[no_mangle]
 #[inline(never)]
 #[link_section = ".user.text"]
 pub extern "C" fn user_cold(ticks: u64) -> u64 {
-    let end = urdtsc() + ticks;
-    let mut v = 12345u64;
-    loop {
-        let n = black_box(USER_FLAT_ITERS);
-        let mut i = 0;
-        while i < n {
-            v = v.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            i += 1;
-        }
-        user_counter.fetch_add(1, Ordering::Relaxed);
-        if urdtsc() >= end {
-            break;
-        }
-    }
-    v
+    flat_rounds(ticks, 12345, |v| {
+        v.wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407)
+    })
 }
 
 /// Runs `kernel_spin` in ring 0 for `ticks` (through SYS_KERNEL_SPIN).
@@ -224,7 +222,10 @@ fn pick(cfg: &UserConfig, res: &UserResult, n: usize) -> usize {
     let mut best = 0usize;
     let mut i = 1usize;
     while i < n {
-        let (si, sb) = (res.spent[(cfg.ids[i] & 3) as usize], res.spent[(cfg.ids[best] & 3) as usize]);
+        let (si, sb) = (
+            res.spent[(cfg.ids[i] & 3) as usize],
+            res.spent[(cfg.ids[best] & 3) as usize],
+        );
         if (si as u128) * (cfg.weights[best] as u128) < (sb as u128) * (cfg.weights[i] as u128) {
             best = i;
         }
@@ -248,7 +249,7 @@ fn balanced(cfg: &UserConfig, res: &UserResult, n: usize, inv_tol: u128) -> bool
     while i < n {
         let a = res.spent[(cfg.ids[i] & 3) as usize] as u128 * wsum;
         let b = cfg.weights[i] as u128 * total;
-        let dev = if a > b { a - b } else { b - a };
+        let dev = a.abs_diff(b);
         if dev * inv_tol > total * wsum {
             return false;
         }
@@ -278,7 +279,10 @@ fn deficit(cfg: &UserConfig, res: &UserResult, n: usize, best: usize) -> u64 {
         wsum += cfg.weights[i];
         i += 1;
     }
-    let (s, w) = (res.spent[(cfg.ids[best & 3] & 3) as usize], cfg.weights[best & 3]);
+    let (s, w) = (
+        res.spent[(cfg.ids[best & 3] & 3) as usize],
+        cfg.weights[best & 3],
+    );
     if wsum <= w || w * total <= s * wsum {
         return 0;
     }
@@ -299,8 +303,15 @@ pub extern "C" fn user_main(cfg: &UserConfig) -> ! {
         let v = unsafe { core::ptr::read_volatile(USER_FAULT_ADDR as *const u64) };
         unsafe { sys(SYS_EXIT, v, 0, 0) };
     }
-    let n = if cfg.n as usize > NWORK { NWORK } else { cfg.n as usize };
-    let mut res = UserResult { spent: [0; NWORK], slices: [0; NWORK] };
+    let n = if cfg.n as usize > NWORK {
+        NWORK
+    } else {
+        cfg.n as usize
+    };
+    let mut res = UserResult {
+        spent: [0; NWORK],
+        slices: [0; NWORK],
+    };
     let start = urdtsc();
     let end = start + cfg.run_ticks;
 
@@ -311,19 +322,47 @@ pub extern "C" fn user_main(cfg: &UserConfig) -> ! {
         }
         let left = end - now;
         let best = pick(cfg, &res, n);
-        run_slice(cfg, &mut res, best, if left < cfg.slice_ticks { left } else { cfg.slice_ticks });
+        run_slice(
+            cfg,
+            &mut res,
+            best,
+            if left < cfg.slice_ticks {
+                left
+            } else {
+                cfg.slice_ticks
+            },
+        );
     }
-    while n > 0 {
-        // 0.2 points for up to 1/4 of the run more, then 0.5 points for up to 1/2.
-        let late = urdtsc() - end;
-        let inv_tol = if late < cfg.run_ticks / 4 { 500 } else if late < cfg.run_ticks / 2 { 200 } else { break };
-        if balanced(cfg, &res, n, inv_tol) {
-            break;
+    if n > 0 {
+        loop {
+            // 0.2 points for up to 1/4 of the run more, then 0.5 points for up to 1/2.
+            let late = urdtsc() - end;
+            let inv_tol = if late < cfg.run_ticks / 4 {
+                500
+            } else if late < cfg.run_ticks / 2 {
+                200
+            } else {
+                break;
+            };
+            if balanced(cfg, &res, n, inv_tol) {
+                break;
+            }
+            let best = pick(cfg, &res, n);
+            let need = deficit(cfg, &res, n, best);
+            let min = cfg.slice_ticks / 16 + 1;
+            run_slice(
+                cfg,
+                &mut res,
+                best,
+                if need < min {
+                    min
+                } else if need > cfg.slice_ticks {
+                    cfg.slice_ticks
+                } else {
+                    need
+                },
+            );
         }
-        let best = pick(cfg, &res, n);
-        let need = deficit(cfg, &res, n, best);
-        let min = cfg.slice_ticks / 16 + 1;
-        run_slice(cfg, &mut res, best, if need < min { min } else if need > cfg.slice_ticks { cfg.slice_ticks } else { need });
     }
     unsafe { sys(SYS_DONE, &res as *const UserResult as u64, 0, 0) };
     loop {

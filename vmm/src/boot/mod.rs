@@ -85,7 +85,7 @@ pub struct BootConfig<'a> {
     pub cmdline: &'a str,
     pub num_cpus: usize,
     /// Words appended to the command line when the kernel is Linux (host workarounds such as `noxsave`).
-    pub linux_workarounds: &'a [&'a str],
+    pub linux_workarounds: &'a [String],
 }
 
 /// Loads the kernel (and initrd) and writes every boot structure the entry protocol needs.
@@ -107,7 +107,12 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
         source,
     };
 
-    let is_linux = is_bzimage || (is_elf && elf_has_linux_note(&mut file).unwrap_or(false));
+    let notes = if is_elf {
+        scan_elf_notes(&mut file).unwrap_or_default()
+    } else {
+        ElfNotes::default()
+    };
+    let is_linux = is_bzimage || notes.linux;
     let mut words = cfg.cmdline.to_string();
     if is_linux {
         for w in cfg.linux_workarounds {
@@ -132,10 +137,14 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
         let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
             .map_err(load_err)?;
         let initrd = load_initrd(mem, cfg.initrd, r.kernel_end)?;
-        if let PvhBootCapability::PvhEntryPresent(entry) = r.pvh_boot_cap {
+        let pvh_entry = match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(entry) => Some(entry.0),
+            _ => notes.pvh_entry,
+        };
+        if let Some(entry) = pvh_entry {
             write_pvh_start_info(mem, initrd)?;
             return Ok(LoadedKernel {
-                entry: EntryPoint::Pvh { entry: entry.0 },
+                entry: EntryPoint::Pvh { entry },
                 kernel_end: r.kernel_end,
                 format: "ELF (PVH entry)",
             });
@@ -185,40 +194,57 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
     }
 }
 
-/// Whether an ELF kernel carries a note owned by "Linux" (every vmlinux does: LINUX_ELFNOTE), read from PT_NOTE.
-fn elf_has_linux_note(file: &mut File) -> std::io::Result<bool> {
+/// What the ELF notes say about a kernel.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ElfNotes {
+    /// A note owned by "Linux" (every vmlinux has LINUX_ELFNOTE notes).
+    linux: bool,
+    /// XEN_ELFNOTE_PHYS32_ENTRY, from whichever PT_NOTE segment holds it (linux-loader only looks at the last one).
+    pvh_entry: Option<u64>,
+}
+
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+fn scan_elf_notes(file: &mut File) -> std::io::Result<ElfNotes> {
     let mut ehdr = [0u8; 64];
     file.seek(SeekFrom::Start(0))?;
     file.read_exact(&mut ehdr)?;
-    let phoff = u64::from_le_bytes(ehdr[32..40].try_into().unwrap_or_default());
+    let le32 = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or_default());
+    let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+    let phoff = le64(&ehdr[32..40]);
     let phentsize = u16::from_le_bytes([ehdr[54], ehdr[55]]) as u64;
     let phnum = u16::from_le_bytes([ehdr[56], ehdr[57]]).min(64) as u64;
-    let mut found = false;
+    let mut found = ElfNotes::default();
     for i in 0..phnum {
         let mut ph = [0u8; 56];
-        file.seek(SeekFrom::Start(phoff + i * phentsize))?;
+        file.seek(SeekFrom::Start(phoff.saturating_add(i * phentsize)))?;
         file.read_exact(&mut ph)?;
-        if u32::from_le_bytes(ph[0..4].try_into().unwrap_or_default()) != 4 {
+        if le32(&ph[0..4]) != 4 {
             continue; // not PT_NOTE
         }
-        let off = u64::from_le_bytes(ph[8..16].try_into().unwrap_or_default());
-        let size =
-            u64::from_le_bytes(ph[32..40].try_into().unwrap_or_default()).min(1 << 16) as usize;
+        let size = le64(&ph[32..40]).min(1 << 16) as usize;
         let mut notes = vec![0u8; size];
-        file.seek(SeekFrom::Start(off))?;
+        file.seek(SeekFrom::Start(le64(&ph[8..16])))?;
         file.read_exact(&mut notes)?;
         let mut p = 0usize;
         while p + 12 <= notes.len() {
-            let namesz =
-                u32::from_le_bytes(notes[p..p + 4].try_into().unwrap_or_default()) as usize;
-            let descsz =
-                u32::from_le_bytes(notes[p + 4..p + 8].try_into().unwrap_or_default()) as usize;
+            let namesz = le32(&notes[p..p + 4]) as usize;
+            let descsz = le32(&notes[p + 4..p + 8]) as usize;
+            let kind = le32(&notes[p + 8..p + 12]);
             let name = notes.get(p + 12..p + 12 + namesz).unwrap_or_default();
+            let desc_at = p + 12 + namesz.div_ceil(4) * 4;
+            let desc = notes.get(desc_at..desc_at + descsz).unwrap_or_default();
             if name.starts_with(b"Linux") {
-                found = true;
-                break;
+                found.linux = true;
             }
-            p += 12 + namesz.div_ceil(4) * 4 + descsz.div_ceil(4) * 4;
+            if name.starts_with(b"Xen") && kind == XEN_ELFNOTE_PHYS32_ENTRY {
+                found.pvh_entry = match desc.len() {
+                    4 => Some(le32(desc) as u64),
+                    8 => Some(le64(desc)),
+                    _ => found.pvh_entry,
+                };
+            }
+            p = desc_at + descsz.div_ceil(4) * 4;
         }
     }
     file.seek(SeekFrom::Start(0))?;

@@ -1,0 +1,168 @@
+//! Debian's stock cloud kernel under `vmm run` on this host: the banner and e820 map, and past `int3_selftest`
+//! (the VMM delivers the CPL0 int3 that PVM reports as an internal error as the #BP it is; QEMU stops there).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use integration_tests::bins::bin;
+use integration_tests::repo_root;
+
+fn debian_vmlinux() -> std::path::PathBuf {
+    let out = Command::new(repo_root().join("scripts/fetch-debian-kernel"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/fetch-debian-kernel");
+    assert!(out.status.success(), "fetching Debian's kernel failed");
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}
+
+struct Booting {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Booting {
+    fn start(extra: &[&str]) -> Booting {
+        let mut child = Command::new(bin("vmm"))
+            .args(["run", "--kernel"])
+            .arg(debian_vmlinux())
+            .args(["--cmdline", "earlyprintk=serial console=ttyS0 nokaslr"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Booting {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `text`, failing with the log after `limit`.
+    fn wait_for(&mut self, text: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let hit = line.contains(text);
+                    self.log.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = self.child.kill();
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        panic!(
+            "no {text:?} within {limit:?}; log tail:\n{}\nstderr:\n{stderr}",
+            self.log.join("\n")
+        );
+    }
+}
+
+impl Drop for Booting {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn debian_kernel_prints_its_banner_and_e820_map() {
+    let mut vm = Booting::start(&[]);
+    vm.wait_for("Linux version 6.1", Duration::from_secs(60));
+    vm.wait_for("Command line:", Duration::from_secs(30));
+    let cmdline = vm.log.last().unwrap().clone();
+    assert!(cmdline.contains("nokaslr"), "{cmdline}");
+    vm.wait_for(
+        "BIOS-e820: [mem 0x0000000000100000-",
+        Duration::from_secs(30),
+    );
+    assert!(vm
+        .log
+        .iter()
+        .any(|l| l.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable")));
+    // The child is still running: the VMM did not die on anything so far.
+    assert!(vm.child.try_wait().unwrap().is_none());
+}
+
+fn ask(sock: &std::path::Path, req: &str) -> serde_json::Value {
+    let s = UnixStream::connect(sock).expect("control socket");
+    let mut w = s.try_clone().unwrap();
+    writeln!(w, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+fn internal_errors(sock: &std::path::Path) -> u64 {
+    let stats = ask(sock, r#"{"v":1,"cmd":"exit_stats"}"#);
+    stats["exit_stats"][0]["by_key"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e[0]["reason"] == "internal_error")
+        .map(|e| e[1]["count"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn debian_kernel_gets_past_int3_selftest() {
+    let sock = std::env::temp_dir().join(format!("linux-boot-{}.sock", std::process::id()));
+    let mut vm = Booting::start(&["--control", sock.to_str().unwrap()]);
+    // The last line before alternative_instructions() runs int3_selftest (slow here: CPL0 is emulated).
+    vm.wait_for("x86/fpu: x87 FPU will use FXSAVE", Duration::from_secs(400));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while internal_errors(&sock) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the kernel never reached int3_selftest"
+        );
+        assert!(
+            vm.child.try_wait().unwrap().is_none(),
+            "the VMM exited: {:?}",
+            vm.log.last()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The int3 was recovered: the guest keeps running kernel code well past it.
+    let rip = |_: ()| {
+        ask(&sock, r#"{"v":1,"cmd":"regs","vcpu":0}"#)["regs"]["rip"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = rip(());
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        vm.child.try_wait().unwrap().is_none(),
+        "the VMM died after the int3: {:?}",
+        vm.log.last()
+    );
+    let after = rip(());
+    assert_ne!(before, after, "the vCPU is stuck");
+    assert!(
+        after >= 0xffff_ffff_8000_0000,
+        "not in the kernel: {after:#x}"
+    );
+}
