@@ -38,6 +38,8 @@ pub struct SwBreakpoint {
 /// One page-sized piece of a watched range, translated once when the watchpoint was set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WatchChunk {
+    /// Which watchpoint this piece belongs to (gdb may set the same range twice and remove it once).
+    pub id: u64,
     /// The watchpoint as gdb gave it (for removal).
     pub watch_gva: u64,
     pub watch_len: u64,
@@ -211,6 +213,7 @@ mod tests {
 
     fn chunk(kind: WatchKind, gpa: u64, len: u64) -> WatchChunk {
         WatchChunk {
+            id: 1,
             watch_gva: 0xffff_8000_0000_0000 + gpa,
             watch_len: len,
             kind,

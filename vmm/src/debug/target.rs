@@ -30,6 +30,8 @@ pub struct VmDebugTarget {
     slots: MemorySlots,
     /// DR0-DR3: hardware breakpoints, and watchpoints where the host delivers data breakpoints.
     dr_slots: [Option<Slot>; dr::SLOTS],
+    /// Id of the next page-protection watchpoint.
+    next_watch_id: u64,
     /// Per vCPU: the RIP of the hardware breakpoint it was last reported stopped on.
     hw_stops: Vec<Option<u64>>,
 }
@@ -46,6 +48,7 @@ impl VmDebugTarget {
             caps,
             dr_slots: [None; dr::SLOTS],
             hw_stops: vec![None; control.vcpu_count()],
+            next_watch_id: 0,
             control,
         }
     }
@@ -422,6 +425,8 @@ impl Watchpoints for VmDebugTarget {
         {
             return Ok(());
         }
+        let id = self.next_watch_id;
+        self.next_watch_id += 1;
         let mut chunks = Vec::new();
         let mut done = 0;
         while done < len {
@@ -429,6 +434,7 @@ impl Watchpoints for VmDebugTarget {
             let t = self.translate(at)?;
             let piece = (len - done).min(super::PAGE_SIZE - (t.gpa & (super::PAGE_SIZE - 1)));
             chunks.push(WatchChunk {
+                id,
                 watch_gva: gva,
                 watch_len: len,
                 kind,
@@ -441,9 +447,7 @@ impl Watchpoints for VmDebugTarget {
         self.shared.watches().extend(chunks);
         let applied = self.apply_watch_protection();
         if applied.is_err() {
-            self.shared
-                .watches()
-                .retain(|c| !(c.watch_gva == gva && c.watch_len == len && c.kind == kind));
+            self.shared.watches().retain(|c| c.id != id);
         }
         applied
     }
@@ -463,13 +467,16 @@ impl Watchpoints for VmDebugTarget {
         }
         {
             let mut watches = self.shared.watches();
-            let before = watches.len();
-            watches.retain(|c| !(c.watch_gva == gva && c.watch_len == len && c.kind == kind));
-            if watches.len() == before {
+            let Some(id) = watches
+                .iter()
+                .find(|c| c.watch_gva == gva && c.watch_len == len && c.kind == kind)
+                .map(|c| c.id)
+            else {
                 return Err(TargetError::refused(format!(
                     "no watchpoint at {gva:#x}+{len}"
                 )));
-            }
+            };
+            watches.retain(|c| c.id != id);
         }
         self.apply_watch_protection()
     }
