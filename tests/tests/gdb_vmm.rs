@@ -34,11 +34,15 @@ struct Vmm {
 
 impl Vmm {
     fn start(cmdline: &str, cpus: &str) -> Vmm {
+        Vmm::start_at(cmdline, cpus, "127.0.0.1:0")
+    }
+
+    fn start_at(cmdline: &str, cpus: &str, gdb_address: &str) -> Vmm {
         let mut child = Command::new(bin("vmm"))
             .args(["run", "--kernel"])
             .arg(guest_elf())
             .args(["--cmdline", cmdline, "--cpus", cpus])
-            .args(["--gdb", "127.0.0.1:0", "--gdb-wait"])
+            .args(["--gdb", gdb_address, "--gdb-wait"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -54,7 +58,9 @@ impl Vmm {
             }
             first_lines.push_str(&line);
             if let Some(rest) = line.trim().strip_prefix("vmm: gdb server listening on ") {
-                break rest.split_whitespace().next().unwrap().to_string();
+                // gdb takes a unix socket as its bare path.
+                let address = rest.split_whitespace().next().unwrap();
+                break address.strip_prefix("unix:").unwrap_or(address).to_string();
             }
         };
         let stdout = collect_lines(child.stdout.take().unwrap());
@@ -171,9 +177,12 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
             "continue",
             "info symbol $pc",
             "x/2i $pc",
+            "set var $rdi = 5",
             "stepi",
             "echo after-stepi\\n",
             "p/x $pc",
+            "echo rdi-after-step\\n",
+            "p $rdi",
             "delete",
             "detach",
         ],
@@ -236,6 +245,17 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
         next,
         "stepi ran one instruction"
     );
+    // That instruction is `lea (%rdi,%rdi,2),%rdi`: the rdi gdb wrote reached the vCPU and was tripled.
+    assert!(
+        listing[0].contains("lea    (%rdi,%rdi,2),%rdi"),
+        "{}",
+        listing[0]
+    );
+    let rdi = out[out.find("rdi-after-step").unwrap()..]
+        .lines()
+        .find(|l| l.starts_with('$'))
+        .expect("p $rdi");
+    assert!(rdi.ends_with(" = 15"), "{rdi}");
     assert!(out.contains("[Inferior 1 (process 1) detached]"));
     let (code, stdout, _) = vmm.finish();
     assert_eq!(code, Some(0), "the guest finished after detach");
@@ -385,10 +405,15 @@ fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
 
 #[test]
 fn guest_exit_and_crash_reach_gdb() {
-    let vmm = Vmm::start("work=kernel_spin:100 secs=1", "1");
+    // Over a unix socket this time.
+    let dir = std::env::temp_dir().join(format!("gdb-vmm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("gdb.sock");
+    let vmm = Vmm::start_at("work=kernel_spin:100 secs=1", "1", socket.to_str().unwrap());
     let out = run_gdb(&vmm.address, &["continue"]);
     assert!(out.contains("[Inferior 1 (process 1) exited normally]"));
     assert_eq!(vmm.finish().0, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 
     let vmm = Vmm::start("work=kernel_spin:100 secs=1 fault=triple", "1");
     let out = run_gdb(&vmm.address, &["continue", "p/x $pc", "detach"]);

@@ -24,6 +24,8 @@ use crate::sampler::{
 };
 use crate::{GuestMode, GuestRegisters, Sample};
 
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {vcpu}: {op} failed")]
@@ -210,7 +212,7 @@ impl Vcpu {
         } else {
             None
         };
-        let k_gs_base = self.read_msr(0xc000_0102).unwrap_or(0);
+        let k_gs_base = self.read_msr(MSR_KERNEL_GS_BASE).unwrap_or(0);
         Ok(crate::regs::from_kvm(
             &regs,
             &sregs,
@@ -233,7 +235,28 @@ impl Vcpu {
         self.fd
             .set_sregs(&sregs)
             .map_err(self.ioctl_err("KVM_SET_SREGS"))?;
-        self.fd.set_fpu(&fpu).map_err(self.ioctl_err("KVM_SET_FPU"))
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(self.ioctl_err("KVM_SET_FPU"))?;
+        self.write_msr(MSR_KERNEL_GS_BASE, g.k_gs_base)
+    }
+
+    fn write_msr(&self, index: u32, data: u64) -> Result<(), VcpuError> {
+        let failed = self.ioctl_err("KVM_SET_MSRS");
+        let entry = kvm_bindings::kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let Ok(msrs) = kvm_bindings::Msrs::from_entries(&[entry]) else {
+            return Err(failed(kvm_ioctls::Error::new(libc::ENOMEM)));
+        };
+        match self.fd.set_msrs(&msrs) {
+            Ok(1) => Ok(()),
+            // KVM stops at the first MSR it refuses and returns how many it set.
+            Ok(_) => Err(failed(kvm_ioctls::Error::new(libc::EINVAL))),
+            Err(source) => Err(failed(source)),
+        }
     }
 
     fn read_msr(&self, index: u32) -> Option<u64> {
