@@ -1,8 +1,8 @@
 //! The real gdb (batch mode) against `vmm run --gdb` with the test guest on this host's KVM.
 //!
-//! Every session starts with `--gdb-wait`, so the guest runs no instruction before gdb is attached; the guest's
-//! paging is off at that point, so each script first stops in `kernel_spin` with a hardware breakpoint (which
-//! needs no address translation) before it uses software breakpoints or watchpoints.
+//! Every session starts with `--gdb-wait`, so the guest runs no instruction before gdb is attached. Its paging is
+//! off at that point: software breakpoints on kernel addresses wait until it is on, watchpoints need it, so most
+//! scripts first stop in `kernel_spin` with a hardware breakpoint (which needs no translation).
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -163,10 +163,8 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
         &vmm.address,
         &[
             "info threads",
-            TO_KERNEL_SPIN[0],
-            TO_KERNEL_SPIN[1],
-            TO_KERNEL_SPIN[2],
-            TO_KERNEL_SPIN[3],
+            // Set at the first instruction, before the guest has paging: planted once it has.
+            "set language c",
             "break kernel_leaf",
             "continue",
             "bt 4",
@@ -192,7 +190,7 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
         .filter(|l| l.contains("Thread 1.1 (vCPU 0)") || l.contains("Thread 1.2 (vCPU 1)"))
         .count();
     assert_eq!(threads, 2, "info threads lists both vCPUs");
-    assert!(out.contains("hit Breakpoint 2, guest::workload::kernel_leaf"));
+    assert!(out.contains("hit Breakpoint 1, guest::workload::kernel_leaf"));
     let frames: Vec<&str> = out.lines().filter(|l| l.starts_with('#')).collect();
     let names = [
         "kernel_leaf",
@@ -222,7 +220,7 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
         "x/4gx of a kernel address"
     );
     assert!(
-        out.contains("hit Breakpoint 3, "),
+        out.contains("hit Breakpoint 2, "),
         "hbreak kernel_stage2 hit"
     );
     let at = out

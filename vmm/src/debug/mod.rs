@@ -17,6 +17,12 @@ use std::sync::{Mutex, MutexGuard};
 use gdbstub_kvm::{StopEvent, StopQueue, StopReason, WatchKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::paging::{self, PagingContext};
+
+pub(crate) const INT3: u8 = 0xcc;
+/// CR0.PG: paging enabled.
+pub(crate) const CR0_PG: u64 = 1 << 31;
+
 pub use server::{GdbServer, GdbServerError};
 pub use slots::{MemorySlots, Protection, RamRegion, SlotError, PAGE_SIZE};
 pub use target::VmDebugTarget;
@@ -102,6 +108,8 @@ pub enum MmioOutcome {
 pub struct DebugShared {
     queue: StopQueue,
     sw_breakpoints: Mutex<BTreeMap<u64, SwBreakpoint>>,
+    /// Breakpoints set before the guest enabled paging: planted by the first vCPU that runs with paging on.
+    pending_sw_breakpoints: Mutex<Vec<u64>>,
     watches: Mutex<Vec<WatchChunk>>,
     /// Whether a gdb is attached. A lock rather than an atomic: a vCPU decides to hold a crash for gdb and
     /// queues it under it, so a session cannot end in between and leave the vCPU parked for nobody.
@@ -118,6 +126,7 @@ impl DebugShared {
         Ok(DebugShared {
             queue: StopQueue::new()?,
             sw_breakpoints: Mutex::new(BTreeMap::new()),
+            pending_sw_breakpoints: Mutex::new(Vec::new()),
             watches: Mutex::new(Vec::new()),
             session_active: Mutex::new(false),
         })
@@ -161,6 +170,36 @@ impl DebugShared {
 
     pub(crate) fn sw_breakpoints(&self) -> MutexGuard<'_, BTreeMap<u64, SwBreakpoint>> {
         lock(&self.sw_breakpoints)
+    }
+
+    pub(crate) fn pending_sw_breakpoints(&self) -> MutexGuard<'_, Vec<u64>> {
+        lock(&self.pending_sw_breakpoints)
+    }
+
+    /// Writes an int3 at `gpa` for the breakpoint at `gva` and records the byte it replaced.
+    pub(crate) fn plant_sw_breakpoint(&self, mem: &GuestMemoryMmap, gva: u64, gpa: u64) -> bool {
+        let mut table = lock(&self.sw_breakpoints);
+        if table.contains_key(&gva) {
+            return true;
+        }
+        let Ok(original) = mem.read_obj::<u8>(GuestAddress(gpa)) else {
+            return false;
+        };
+        if mem.write_obj(INT3, GuestAddress(gpa)).is_err() {
+            return false;
+        }
+        table.insert(gva, SwBreakpoint { gpa, original });
+        true
+    }
+
+    /// Plants the pending breakpoints that translate with `ctx`; true when none is left pending.
+    pub(crate) fn plant_pending(&self, mem: &GuestMemoryMmap, ctx: &PagingContext) -> bool {
+        let mut pending = lock(&self.pending_sw_breakpoints);
+        pending.retain(|&gva| match paging::translate(mem, ctx, gva) {
+            Ok(t) => !self.plant_sw_breakpoint(mem, gva, t.gpa),
+            Err(_) => true,
+        });
+        pending.is_empty()
     }
 
     pub(crate) fn watches(&self) -> MutexGuard<'_, Vec<WatchChunk>> {

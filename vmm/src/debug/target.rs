@@ -13,14 +13,11 @@ use kvm_bindings::{
 use vm_memory::{Bytes, GuestAddress};
 
 use super::dr::{self, Slot, SlotUse};
-use super::{protections, DebugResume, DebugShared, MemorySlots, SwBreakpoint, WatchChunk};
+use super::{protections, DebugResume, DebugShared, MemorySlots, WatchChunk, CR0_PG, INT3};
 use crate::paging::{self, PagingContext};
 use crate::probe::HostCaps;
 use crate::vcpu::{VcpuError, VcpuRequest, VcpuState};
 use crate::vm::VmControl;
-
-const INT3: u8 = 0xcc;
-const CR0_PG: u64 = 1 << 31;
 
 /// The debug target of one VM. Create one per VM; the gdb server thread owns it.
 pub struct VmDebugTarget {
@@ -85,9 +82,8 @@ impl VmDebugTarget {
         let ctx = self.paging_context(0)?;
         if ctx.cr0 & CR0_PG == 0 {
             return Err(TargetError::refused(format!(
-                "cannot place a software breakpoint or watchpoint at {gva:#x} yet: vCPU 0 has not enabled paging, \
-                 so guest virtual addresses do not translate (use hbreak, which needs no translation, to stop \
-                 once paging is on)"
+                "cannot watch {gva:#x} yet: vCPU 0 has not enabled paging, so guest virtual addresses do not \
+                 translate (stop once paging is on first, e.g. with a breakpoint, then set the watchpoint)"
             )));
         }
         paging::translate(self.control.memory(), &ctx, gva)
@@ -116,7 +112,9 @@ impl VmDebugTarget {
     /// The guest-debug configuration every vCPU runs with.
     fn armed(&self) -> kvm_guest_debug {
         let mut dbg = kvm_guest_debug::default();
-        if !self.shared.sw_breakpoints().is_empty() {
+        if !self.shared.sw_breakpoints().is_empty()
+            || !self.shared.pending_sw_breakpoints().is_empty()
+        {
             dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
         }
         let (addrs, dr7) = dr::encode(&self.dr_slots);
@@ -232,6 +230,7 @@ impl DebugTarget for VmDebugTarget {
                     armed,
                     blockirq,
                     step_over_hw_at: self.hw_stops[vcpu].take(),
+                    plant_pending: !self.shared.pending_sw_breakpoints().is_empty(),
                 }))
                 .map_err(vcpu_failed("cannot resume the vCPU"))?;
         }
@@ -350,20 +349,37 @@ impl SwBreakpoints for VmDebugTarget {
         if self.shared.owns_sw_breakpoint(gva) {
             return Ok(());
         }
-        let gpa = self.translate(gva)?.gpa;
-        let mem = self.control.memory();
-        let original: u8 = mem
-            .read_obj(GuestAddress(gpa))
-            .map_err(|_| TargetError::NotMapped { gva })?;
-        mem.write_obj(INT3, GuestAddress(gpa))
-            .map_err(|_| TargetError::NotMapped { gva })?;
-        self.shared
-            .sw_breakpoints()
-            .insert(gva, SwBreakpoint { gpa, original });
-        Ok(())
+        let ctx = self.paging_context(0)?;
+        if ctx.cr0 & CR0_PG == 0 && gva >> 63 == 1 {
+            // A kernel address before the guest has paging: the resumed vCPU steps until paging is on and
+            // plants it then (see `debug_resume`).
+            let mut pending = self.shared.pending_sw_breakpoints();
+            if !pending.contains(&gva) {
+                pending.push(gva);
+            }
+            return Ok(());
+        }
+        let gpa = paging::translate(self.control.memory(), &ctx, gva)
+            .map_err(|_| TargetError::NotMapped { gva })?
+            .gpa;
+        if self
+            .shared
+            .plant_sw_breakpoint(self.control.memory(), gva, gpa)
+        {
+            Ok(())
+        } else {
+            Err(TargetError::NotMapped { gva })
+        }
     }
 
     fn remove_sw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
+        {
+            let mut pending = self.shared.pending_sw_breakpoints();
+            if let Some(at) = pending.iter().position(|&p| p == gva) {
+                pending.remove(at);
+                return Ok(());
+            }
+        }
         let bp = self
             .shared
             .sw_breakpoints()

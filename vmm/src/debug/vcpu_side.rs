@@ -7,11 +7,13 @@ use kvm_bindings::{
     KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 
-use super::dr;
+use super::{dr, CR0_PG};
 use crate::paging::{read_virt, PagingContext};
 use crate::vcpu::{Vcpu, VcpuState};
 
 const HLT: u8 = 0xf4;
+/// How long a vCPU steps waiting for pending breakpoints to become mapped (a few seconds at PVM's step rate).
+const MAX_STEPS_UNTIL_PAGING: u32 = 500_000;
 /// x86 #BP.
 const BP_VECTOR: u32 = 3;
 
@@ -26,6 +28,9 @@ pub struct DebugResume {
     /// The vCPU was last reported stopped on a hardware breakpoint here: if it is still there, execute that
     /// instruction with DR7 cleared first (the breakpoint re-fires forever otherwise), then re-arm.
     pub step_over_hw_at: Option<u64>,
+    /// Software breakpoints wait for the guest to enable paging: a continued vCPU without paging steps until it
+    /// has it and plants them.
+    pub plant_pending: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,6 +42,8 @@ enum Stepping {
     /// Executing the instruction under a hardware breakpoint with DR7 cleared (it re-fires forever otherwise),
     /// then re-arming; `then_report` when gdb asked for a step rather than a continue.
     OverHwBreakpoint { then_report: bool },
+    /// Continuing instruction by instruction until paging is on and the pending breakpoints are planted.
+    UntilPaging { steps: u32 },
 }
 
 /// Per-vCPU debugger state, owned by the vCPU thread.
@@ -72,6 +79,13 @@ impl Vcpu {
             Stepping::OverHwBreakpoint {
                 then_report: resume.action == ResumeAction::Step,
             }
+        } else if resume.plant_pending
+            && resume.action == ResumeAction::Continue
+            && !self.paging_on()
+        {
+            // Without BLOCKIRQ: this is a continue, interrupts are welcome.
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+            Stepping::UntilPaging { steps: 0 }
         } else if resume.action == ResumeAction::Step {
             dbg.control |= step_flags;
             Stepping::Requested {
@@ -93,6 +107,21 @@ impl Vcpu {
     /// A `KVM_EXIT_DEBUG`: the end of a step, a hardware breakpoint, or (hardware KVM) an int3.
     pub(crate) fn on_debug_exit(&mut self, arch: kvm_debug_exit_arch) {
         let stepping = std::mem::take(&mut self.debug_state.stepping);
+        if let Stepping::UntilPaging { steps } = stepping {
+            if dr::decode_hit(&self.debug_state.armed.arch.debugreg, arch.dr6).is_none()
+                && !self.plant_pending_breakpoints()
+            {
+                if steps < MAX_STEPS_UNTIL_PAGING {
+                    self.debug_state.stepping = Stepping::UntilPaging { steps: steps + 1 };
+                    return;
+                }
+                eprintln!(
+                    "vmm: gdb: vCPU {} ran {MAX_STEPS_UNTIL_PAGING} instructions without the pending breakpoints \
+                     becoming mapped; running on without them",
+                    self.id
+                );
+            }
+        }
         if let Stepping::Requested { blockirq: true } = stepping {
             if self.at_hlt() {
                 // Clearing BLOCKIRQ on a `hlt` with an interrupt pending hangs the vCPU on PVM hosts: execute the
@@ -117,7 +146,14 @@ impl Vcpu {
                 return;
             }
             Stepping::OverHwBreakpoint { then_report: false } => return,
-            Stepping::None => {}
+            // Planted (or given up on): armed again, running normally from here.
+            Stepping::UntilPaging { .. }
+                if dr::decode_hit(&self.debug_state.armed.arch.debugreg, arch.dr6).is_none() =>
+            {
+                return
+            }
+            // A hardware breakpoint fired meanwhile: reported below.
+            Stepping::UntilPaging { .. } | Stepping::None => {}
         }
         if arch.exception == BP_VECTOR {
             let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(arch.pc);
@@ -139,6 +175,20 @@ impl Vcpu {
             self.debug_report(reason);
         } else if self.debug.session_active() {
             self.debug_report(StopReason::Paused);
+        }
+    }
+
+    fn paging_on(&self) -> bool {
+        self.fd.get_sregs().is_ok_and(|s| s.cr0 & CR0_PG != 0)
+    }
+
+    /// Plants the pending software breakpoints once this vCPU has paging; true when none is left.
+    fn plant_pending_breakpoints(&self) -> bool {
+        match self.registers(false) {
+            Ok(regs) if regs.cr0 & CR0_PG != 0 => self
+                .debug
+                .plant_pending(&self.mem, &PagingContext::from_regs(&regs)),
+            _ => false,
         }
     }
 
