@@ -50,6 +50,10 @@ pub(crate) struct Adapter<'t, T: DebugTarget + ?Sized> {
     installed: Installed,
     /// A resume the target refused: reported to gdb as an immediate stop with this message.
     pub(crate) refused_resume: Option<(VcpuIndex, String)>,
+    /// gdb sent an interrupt while the target was already stopped (its Ctrl-C raced with its own resume
+    /// packet). gdbstub answers the next resume with that interrupt's stop at once, so that resume must leave the
+    /// target stopped.
+    pub(crate) interrupted_while_stopped: bool,
     /// The vCPU gdb last resumed or saw stop; a Ctrl-C stop is reported on it.
     pub(crate) focus_vcpu: VcpuIndex,
 }
@@ -63,6 +67,7 @@ impl<'t, T: DebugTarget + ?Sized> Adapter<'t, T> {
             scheduler_locked: false,
             installed: Installed::default(),
             refused_resume: None,
+            interrupted_while_stopped: false,
             focus_vcpu: 0,
         }
     }
@@ -259,6 +264,9 @@ impl<T: DebugTarget + ?Sized> MultiThreadBase for Adapter<'_, T> {
 
 impl<T: DebugTarget + ?Sized> MultiThreadResume for Adapter<'_, T> {
     fn resume(&mut self) -> Result<(), Self::Error> {
+        if std::mem::take(&mut self.interrupted_while_stopped) {
+            return Ok(());
+        }
         let default = (!self.scheduler_locked).then_some(ResumeAction::Continue);
         let actions: Vec<(VcpuIndex, ResumeAction)> = self
             .actions

@@ -99,6 +99,9 @@ fn run_session<T: DebugTarget + ?Sized>(
                     return Ok(SessionEnd::ConnectionLost);
                 };
                 let next = inner.incoming_data(adapter, byte).map_err(protocol)?;
+                if matches!(next, GdbStubStateMachine::CtrlCInterrupt(_)) {
+                    adapter.interrupted_while_stopped = true;
+                }
                 flush(next)
             }
             GdbStubStateMachine::Running(mut inner) => {

@@ -36,6 +36,12 @@ pub struct RunArgs {
     /// Do not give the guest a virtual PMU even where the host has one.
     #[arg(long)]
     pub no_pmu: bool,
+    /// Serve the gdb remote protocol at HOST:PORT, a bare PORT (127.0.0.1), or a unix socket path.
+    #[arg(long, value_name = "ADDR")]
+    pub gdb: Option<gdbstub_kvm::GdbAddress>,
+    /// With --gdb: stop every vCPU before the first guest instruction, until gdb resumes them.
+    #[arg(long, requires = "gdb")]
+    pub gdb_wait: bool,
 }
 
 impl RunArgs {
@@ -58,6 +64,7 @@ impl RunArgs {
             serial_out,
             sampler: None,
             symbolize: None,
+            start_paused: false,
         })
     }
 }

@@ -4,6 +4,7 @@ pub mod boot;
 pub mod cli;
 pub mod control;
 pub mod cpuid;
+pub mod debug;
 pub mod devices;
 pub mod exit;
 pub mod exit_stats;

@@ -52,14 +52,35 @@ fn probe() -> anyhow::Result<i32> {
 fn run(args: vmm::cli::RunArgs) -> anyhow::Result<i32> {
     let kvm: Kvm = vmm::open_kvm()?;
     let caps = HostCaps::probe(&kvm)?;
-    let cfg = args.vm_config(Box::new(std::io::stdout()))?;
+    let mut cfg = args.vm_config(Box::new(std::io::stdout()))?;
+    cfg.start_paused = args.gdb_wait;
     let (vm, _) = Vm::start(&kvm, &caps, cfg)?;
+    let gdb = match &args.gdb {
+        Some(address) => {
+            let target = vmm::debug::VmDebugTarget::new(vm.control(), caps.clone());
+            let server = vmm::debug::GdbServer::start(address, target)?;
+            eprintln!(
+                "vmm: gdb server listening on {}{}",
+                server.address(),
+                if args.gdb_wait {
+                    " (vCPUs wait for gdb)"
+                } else {
+                    ""
+                }
+            );
+            Some(server)
+        }
+        None => None,
+    };
     let _control = match &args.control {
         Some(path) => Some(vmm::control::serve(path, vm.control()).context("control socket")?),
         None => None,
     };
     forward_stdin(vm.devices());
     let end = vm.run_to_end();
+    if let Some(gdb) = &gdb {
+        gdb.report_end(&end);
+    }
     report_end(&end);
     Ok(end.exit_code())
 }

@@ -71,6 +71,9 @@ pub struct HostCaps {
     /// CPUID.7:EBX.SMAP shows through a table that clears it (`nosmap` on a Linux command line).
     pub smap_cpuid_leaks: bool,
     pub int3: Int3Delivery,
+    /// A DR7 write watch armed with `KVM_GUESTDBG_USE_HW_BP` stops a CPL0 store with `KVM_EXIT_DEBUG` (measured
+    /// by a snippet). Where not, the debugger watches memory by page protection instead.
+    pub data_breakpoints: bool,
 }
 
 impl HostCaps {
@@ -146,6 +149,7 @@ impl HostCaps {
             smap: snippets.smap,
             smap_cpuid_leaks: snippets.smap_cpuid_leaks,
             int3: snippets.int3,
+            data_breakpoints: snippets.data_breakpoints,
         })
     }
 }
@@ -239,6 +243,15 @@ impl fmt::Display for HostCaps {
                 "yes"
             }
         )?;
+        writeln!(
+            f,
+            "data breakpoints       {}",
+            if self.data_breakpoints {
+                "yes (gdb watchpoints use DR0-3 where they fit)"
+            } else {
+                "no (gdb watchpoints use page protection)"
+            }
+        )?;
         write!(
             f,
             "CPL0 int3 arrives as   {}",
@@ -265,6 +278,7 @@ struct SnippetResults {
     smap: Emulation,
     smap_cpuid_leaks: bool,
     int3: Int3Delivery,
+    data_breakpoints: bool,
 }
 
 /// Runs the snippets; a failure to even set up the probe VM leaves the answers at their safe defaults (features
@@ -284,6 +298,7 @@ fn run_snippets(
         smap: Emulation::Runs,
         smap_cpuid_leaks: false,
         int3: Int3Delivery::Unknown,
+        data_breakpoints: false,
     };
     let Some((vm, mem)) = probe_vm(kvm) else {
         return r;
@@ -400,6 +415,25 @@ fn run_snippets(
         Some(SnippetExit::InternalError) => Int3Delivery::InternalError,
         _ => Int3Delivery::Unknown,
     };
+    // mov qword [rdi], 1; hlt — under an 8-byte DR0 write watch on [rdi]: a debug exit means data breakpoints fire.
+    let watched = SNIPPET_DATA + 4 * 0x1000;
+    let mut dbg = kvm_guest_debug {
+        control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+        ..Default::default()
+    };
+    dbg.arch.debugreg[0] = watched;
+    // GE, bit 10, G0, RW0 = 01 (write), LEN0 = 10 (8 bytes).
+    dbg.arch.debugreg[7] = 0x602 | (0b01 << 16) | (0b10 << 18);
+    r.data_breakpoints = run_one(
+        &vm,
+        &mem,
+        4,
+        &[0x48, 0xc7, 0x07, 1, 0, 0, 0, 0xf4],
+        Snippet {
+            guest_debug: Some(dbg),
+            ..Default::default()
+        },
+    ) == Some(SnippetExit::Debug);
     r
 }
 
@@ -408,6 +442,8 @@ struct Snippet<'a> {
     cpuid: Option<&'a CpuId>,
     xsave: bool,
     sw_bp: bool,
+    /// Guest debug to run with, instead of `sw_bp`'s.
+    guest_debug: Option<kvm_guest_debug>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -481,6 +517,9 @@ fn run_one(
             ..Default::default()
         };
         vcpu.set_guest_debug(&dbg).ok()?;
+    }
+    if let Some(dbg) = &opts.guest_debug {
+        vcpu.set_guest_debug(dbg).ok()?;
     }
     let exit = match vcpu.run() {
         Ok(VcpuExit::Hlt) => SnippetExit::Hlt,

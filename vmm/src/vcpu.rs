@@ -7,10 +7,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
+use gdbstub_kvm::{StopEvent, StopReason};
+use kvm_bindings::{
+    kvm_debug_exit_arch, kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 
+use crate::debug::{DebugResume, DebugShared, MmioData, MmioOutcome, VcpuDebugState};
 use crate::devices::{PioDevices, PioOutcome};
 use crate::exit::{self, InternalErrorAction, VmEnd};
 use crate::kick::{self, Kicker};
@@ -19,6 +23,8 @@ use crate::sampler::{
     thread_cpu_time_ns, walk_frame_pointers, CpuTimeCredit, SampleRequest, MAX_CALLCHAIN,
 };
 use crate::{GuestMode, GuestRegisters, Sample};
+
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -54,6 +60,8 @@ pub enum VcpuRequest {
     },
     SetRegisters(Box<GuestRegisters>, Reply<()>),
     SetGuestDebug(Box<kvm_guest_debug>, Reply<()>),
+    /// gdb resumes this vCPU (continue or step), with the breakpoint configuration to run with.
+    DebugResume(DebugResume),
     /// The VM is ending: leave the thread.
     Exit,
 }
@@ -112,12 +120,15 @@ pub struct Vcpu {
     pub sampling: Arc<crate::sampler::SamplingSlot>,
     pub use_sync_regs: bool,
     pub symbolize: Option<crate::vm::SymbolizeFn>,
+    /// Debugger state shared with the gdb thread (breakpoint tables, watched pages, stop queue).
+    pub debug: Arc<DebugShared>,
+    pub debug_state: VcpuDebugState,
     pub exits: crate::exit_stats::SharedExitTable,
     pub cpu_credit: CpuTimeCredit,
 }
 
 impl Vcpu {
-    fn set_state(&self, s: VcpuState) {
+    pub(crate) fn set_state(&self, s: VcpuState) {
         self.state.store(s as u8, Ordering::Release);
     }
 
@@ -184,6 +195,7 @@ impl Vcpu {
                         .map_err(self.ioctl_err("KVM_SET_GUEST_DEBUG")),
                 );
             }
+            VcpuRequest::DebugResume(resume) => self.debug_resume(resume),
             VcpuRequest::Exit => self.set_state(VcpuState::Exited),
         }
     }
@@ -200,7 +212,7 @@ impl Vcpu {
         } else {
             None
         };
-        let k_gs_base = self.read_msr(0xc000_0102).unwrap_or(0);
+        let k_gs_base = self.read_msr(MSR_KERNEL_GS_BASE).unwrap_or(0);
         Ok(crate::regs::from_kvm(
             &regs,
             &sregs,
@@ -223,7 +235,28 @@ impl Vcpu {
         self.fd
             .set_sregs(&sregs)
             .map_err(self.ioctl_err("KVM_SET_SREGS"))?;
-        self.fd.set_fpu(&fpu).map_err(self.ioctl_err("KVM_SET_FPU"))
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(self.ioctl_err("KVM_SET_FPU"))?;
+        self.write_msr(MSR_KERNEL_GS_BASE, g.k_gs_base)
+    }
+
+    fn write_msr(&self, index: u32, data: u64) -> Result<(), VcpuError> {
+        let failed = self.ioctl_err("KVM_SET_MSRS");
+        let entry = kvm_bindings::kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        let Ok(msrs) = kvm_bindings::Msrs::from_entries(&[entry]) else {
+            return Err(failed(kvm_ioctls::Error::new(libc::ENOMEM)));
+        };
+        match self.fd.set_msrs(&msrs) {
+            Ok(1) => Ok(()),
+            // KVM stops at the first MSR it refuses and returns how many it set.
+            Ok(_) => Err(failed(kvm_ioctls::Error::new(libc::EINVAL))),
+            Err(source) => Err(failed(source)),
+        }
     }
 
     fn read_msr(&self, index: u32) -> Option<u64> {
@@ -236,6 +269,7 @@ impl Vcpu {
     }
 
     fn run_once(&mut self) {
+        let mut debug_exit = DebugExit::None;
         let result = self.fd.run();
         let handling_started = std::time::Instant::now();
         let key = crate::exit_stats::ExitKey::of(&result);
@@ -249,12 +283,27 @@ impl Vcpu {
                 self.devices.read(port, data);
                 None
             }
-            Ok(VcpuExit::MmioRead(_addr, data)) => {
-                // No MMIO devices: reads of unbacked guest-physical space return all-ones, like an empty bus.
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                match self
+                    .debug
+                    .mmio_access(&self.mem, addr, MmioData::Read(data))
+                {
+                    // No MMIO devices: reads of unbacked guest-physical space return all-ones, like an empty bus.
+                    MmioOutcome::NotWatched => data.fill(0xff),
+                    MmioOutcome::Served => {}
+                    MmioOutcome::Hit(reason) => debug_exit = DebugExit::Watchpoint(reason),
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) => None,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let MmioOutcome::Hit(reason) =
+                    self.debug
+                        .mmio_access(&self.mem, addr, MmioData::Write(data))
+                {
+                    debug_exit = DebugExit::Watchpoint(reason);
+                }
+                None
+            }
             Ok(VcpuExit::Hlt) => Some(VmEnd::GuestReset),
             Ok(VcpuExit::Shutdown) => Some(self.crash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
             Ok(VcpuExit::SystemEvent(..)) => Some(VmEnd::GuestReset),
@@ -262,7 +311,10 @@ impl Vcpu {
                 "VM entry failed (hardware reason {reason:#x} on host cpu {cpu})"
             ))),
             Ok(VcpuExit::InternalError) => self.on_internal_error(),
-            Ok(VcpuExit::Debug(_)) => None,
+            Ok(VcpuExit::Debug(arch)) => {
+                debug_exit = DebugExit::Debug(arch);
+                None
+            }
             Ok(other) => {
                 let what = format!("unexpected exit: {other:?}");
                 Some(self.crash(what))
@@ -275,11 +327,13 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EAGAIN => None,
             Err(e) => Some(self.crash(format!("KVM_RUN failed: {e}"))),
         };
+        self.handle_debug_exit(debug_exit);
         if self.sample_request.take() {
             self.take_sample();
         }
         self.exits
             .record(key, handling_started.elapsed().as_nanos() as u64);
+        let end = end.and_then(|end| self.hold_crash_for_debugger(end));
         if let Some(end) = end {
             self.set_state(VcpuState::Exited);
             let _ = self.events.send(VcpuEvent::End(end));
@@ -374,23 +428,29 @@ impl Vcpu {
                     .then_some(b[0])
             })
             .or_else(|| bytes.first().copied());
-        match exit::classify_internal_error(internal.suberror, byte_at_rip, false) {
+        let debugger_owns = regs
+            .as_ref()
+            .is_some_and(|r| self.debug.owns_sw_breakpoint(r.rip));
+        match exit::classify_internal_error(internal.suberror, byte_at_rip, debugger_owns) {
             InternalErrorAction::InjectBreakpoint => match self.inject_breakpoint() {
                 Ok(()) => None,
                 Err(e) => Some(self.crash(format!("cannot deliver guest int3 as #BP: {e}"))),
             },
-            InternalErrorAction::DebuggerBreakpoint | InternalErrorAction::Fatal => {
-                Some(self.crash(format!(
-                    "KVM internal error: {} (suberror {}){}",
-                    exit::suberror_name(internal.suberror),
-                    internal.suberror,
-                    if bytes.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", instruction bytes {bytes:02x?}")
-                    }
-                )))
+            InternalErrorAction::DebuggerBreakpoint => {
+                // RIP stays on the int3, as gdb expects of a software breakpoint hit.
+                self.debug_report(StopReason::SwBreakpoint);
+                None
             }
+            InternalErrorAction::Fatal => Some(self.crash(format!(
+                "KVM internal error: {} (suberror {}){}",
+                exit::suberror_name(internal.suberror),
+                internal.suberror,
+                if bytes.is_empty() {
+                    String::new()
+                } else {
+                    format!(", instruction bytes {bytes:02x?}")
+                }
+            ))),
         }
     }
 
@@ -434,6 +494,46 @@ impl Vcpu {
             reason,
             report,
         }
+    }
+}
+
+/// A debug-relevant exit seen inside `run_once`'s match, acted on once the exit's borrow of `kvm_run` ends.
+enum DebugExit {
+    None,
+    Debug(kvm_debug_exit_arch),
+    Watchpoint(StopReason),
+}
+
+// Debugger hooks of the run loop (the rest is in `debug::vcpu_side`).
+impl Vcpu {
+    fn handle_debug_exit(&mut self, exit: DebugExit) {
+        match exit {
+            DebugExit::None => {}
+            DebugExit::Debug(arch) => self.on_debug_exit(arch),
+            DebugExit::Watchpoint(reason) => {
+                // Report the state after the access: a load's data reaches its register on the next entry.
+                self.complete_pending_exit();
+                self.debug_report(reason);
+            }
+        }
+    }
+
+    /// With gdb attached, a crashed vCPU stops (SIGSEGV in gdb, state inspectable) instead of ending the VM;
+    /// resuming it runs into the crash again, and once gdb is gone the crash ends the VM as usual.
+    fn hold_crash_for_debugger(&mut self, end: VmEnd) -> Option<VmEnd> {
+        let VmEnd::Crash { reason, .. } = &end else {
+            return Some(end);
+        };
+        let event = StopEvent {
+            vcpu: self.id,
+            reason: StopReason::Crashed {
+                description: reason.clone(),
+            },
+        };
+        let held = self
+            .debug
+            .report_if_attached(event, || self.set_state(VcpuState::Paused));
+        (!held).then_some(end)
     }
 }
 

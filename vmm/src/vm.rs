@@ -15,6 +15,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::boot::{self, BootConfig, BootError};
 use crate::cpuid::{self, CpuidPolicy};
+use crate::debug::{DebugShared, MemorySlots, RamRegion, VcpuDebugState};
 use crate::devices::{PioDevices, SerialOut, COM1_IRQ};
 use crate::exit::VmEnd;
 use crate::kick::{self, Kicker};
@@ -58,6 +59,8 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
+    Debug(#[from] crate::debug::DebugError),
+    #[error(transparent)]
     Sampler(#[from] SamplerError),
 }
 
@@ -75,6 +78,8 @@ pub struct VmConfig {
     pub serial_out: SerialOut,
     pub sampler: Option<SamplerConfig>,
     pub symbolize: Option<SymbolizeFn>,
+    /// Create the vCPUs parked (`--gdb-wait`): no guest instruction runs until a debugger resumes them.
+    pub start_paused: bool,
 }
 
 /// Static facts about a running VM (control socket `info`).
@@ -99,6 +104,10 @@ struct ControlInner {
     mem: GuestMemoryMmap,
     info: VmInfo,
     end_tx: Sender<VcpuEvent>,
+    // For the debugger: its shared tables, and what memory-slot surgery for watchpoints needs.
+    debug: Arc<DebugShared>,
+    vm_fd: Arc<VmFd>,
+    ram: Vec<RamRegion>,
     sampling: Arc<SamplingSlot>,
     session: Mutex<Option<SamplingSession>>,
     /// Zero of sample timestamps.
@@ -186,6 +195,20 @@ impl VmControl {
         ))
     }
 
+    pub(crate) fn handles(&self) -> &[VcpuHandle] {
+        &self.inner.vcpus
+    }
+
+    /// The debugger state every vCPU thread shares.
+    pub fn debug_shared(&self) -> Arc<DebugShared> {
+        self.inner.debug.clone()
+    }
+
+    /// The VM's memory slots as installed at boot, for watchpoint page protection. One debug target uses it.
+    pub(crate) fn memory_slots(&self) -> MemorySlots {
+        MemorySlots::new(self.inner.vm_fd.clone(), self.inner.ram.clone())
+    }
+
     /// Starts sampling every vCPU at `cfg.frequency_hz` of its CPU time; one session at a time.
     pub fn start_sampling(&self, cfg: SamplerConfig) -> Result<SampleStream, SamplerError> {
         let mut session = self.inner.session.lock().unwrap_or_else(|e| e.into_inner());
@@ -251,7 +274,7 @@ pub struct Vm {
     threads: Vec<JoinHandle<()>>,
     devices: Arc<PioDevices>,
     // Kept alive for the life of the VM: dropping them tears the VM down.
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -268,7 +291,7 @@ impl Vm {
         if !(16..=1 << 20).contains(&cfg.mem_mib) {
             return Err(VmError::MemSize(cfg.mem_mib));
         }
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         // Optional: hosts without stats fds still run, `kvm_stats()` then says why it has nothing.
         let mut kvm_stats = crate::kvm_stats::KvmStatsSources {
             vm: crate::kvm_stats::StatsFd::open(&vm_fd).ok(),
@@ -302,10 +325,16 @@ impl Vm {
             mib: cfg.mem_mib,
             source,
         })?;
+        let mut ram = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
                 .expect("region start is inside the region");
+            ram.push(RamRegion {
+                gpa: region.start_addr().0,
+                len: region.len(),
+                host: host as u64,
+            });
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -343,6 +372,12 @@ impl Vm {
         let (event_tx, events) = mpsc::channel();
         let sampling = Arc::new(SamplingSlot::default());
         let epoch = Instant::now();
+        let debug = Arc::new(DebugShared::new()?);
+        let initial_state = if cfg.start_paused {
+            VcpuState::Paused
+        } else {
+            VcpuState::Running
+        };
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for id in 0..cfg.cpus {
@@ -376,7 +411,7 @@ impl Vm {
                 fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
             }
             let (tx, rx) = mpsc::channel();
-            let state = Arc::new(AtomicU8::new(VcpuState::Running as u8));
+            let state = Arc::new(AtomicU8::new(initial_state as u8));
             let sample_request = Arc::new(SampleRequest::default());
             let exits = Arc::new(crate::exit_stats::ExitTable::default());
             let vcpu = Vcpu {
@@ -391,6 +426,8 @@ impl Vm {
                 sampling: sampling.clone(),
                 use_sync_regs: caps.has_sync_regs(),
                 symbolize: cfg.symbolize.clone(),
+                debug: debug.clone(),
+                debug_state: VcpuDebugState::default(),
                 exits: exits.clone(),
                 cpu_credit: Default::default(),
             };
@@ -429,6 +466,9 @@ impl Vm {
                 mem,
                 info,
                 end_tx: event_tx,
+                debug,
+                vm_fd: vm_fd.clone(),
+                ram,
                 sampling,
                 session: Mutex::new(None),
                 epoch,

@@ -1,0 +1,423 @@
+//! The real gdb (batch mode) against `vmm run --gdb` with the test guest on this host's KVM.
+//!
+//! Every session starts with `--gdb-wait`, so the guest runs no instruction before gdb is attached. Its paging is
+//! off at that point: software breakpoints on kernel addresses wait until it is on, watchpoints need it, so most
+//! scripts first stop in `kernel_spin` with a hardware breakpoint (which needs no translation).
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use integration_tests::bins::{bin, run_with_deadline};
+use integration_tests::guest_elf;
+
+/// Generous limits for processes that normally end in seconds; they only turn a hang into a failure.
+const GDB_LIMIT: Duration = Duration::from_secs(120);
+const VMM_LIMIT: Duration = Duration::from_secs(120);
+const INTERRUPT_ATTEMPTS: usize = 30;
+
+/// Gets the guest from its first instruction to `kernel_spin` with paging on.
+const TO_KERNEL_SPIN: [&str; 4] = ["set language c", "hbreak kernel_spin", "continue", "delete"];
+
+fn is_pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A `vmm run --gdb 127.0.0.1:0 --gdb-wait` process, its gdb address, and its output collected on threads.
+struct Vmm {
+    child: Child,
+    address: String,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Vmm {
+    fn start(cmdline: &str, cpus: &str) -> Vmm {
+        Vmm::start_at(cmdline, cpus, "127.0.0.1:0")
+    }
+
+    fn start_at(cmdline: &str, cpus: &str, gdb_address: &str) -> Vmm {
+        let mut child = Command::new(bin("vmm"))
+            .args(["run", "--kernel"])
+            .arg(guest_elf())
+            .args(["--cmdline", cmdline, "--cpus", cpus])
+            .args(["--gdb", gdb_address, "--gdb-wait"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut first_lines = String::new();
+        let address = loop {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.kill();
+                panic!("vmm ended before listening for gdb:\n{first_lines}");
+            }
+            first_lines.push_str(&line);
+            if let Some(rest) = line.trim().strip_prefix("vmm: gdb server listening on ") {
+                // gdb takes a unix socket as its bare path.
+                let address = rest.split_whitespace().next().unwrap();
+                break address.strip_prefix("unix:").unwrap_or(address).to_string();
+            }
+        };
+        let stdout = collect_lines(child.stdout.take().unwrap());
+        let stderr = collect_lines(stderr);
+        Vmm {
+            child,
+            address,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the process to end; its exit code, stdout and stderr.
+    fn finish(mut self) -> (Option<i32>, String, String) {
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if start.elapsed() > VMM_LIMIT {
+                let _ = self.child.kill();
+                break self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let stdout: String = self.stdout.iter().collect();
+        let stderr: String = self.stderr.iter().collect();
+        println!("--- vmm stdout ---\n{stdout}\n--- vmm stderr ---\n{stderr}");
+        (status.code(), stdout, stderr)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect_lines(source: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(source).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line + "\n").is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn gdb_command(address: &str, commands: &[&str]) -> Command {
+    let mut cmd = Command::new("gdb");
+    cmd.args(["-batch", "-nx", "-ex", "set confirm off", "-ex"])
+        .arg(format!("file {}", guest_elf().display()))
+        .args(["-ex", &format!("target remote {address}")]);
+    for c in commands {
+        cmd.args(["-ex", c]);
+    }
+    cmd
+}
+
+/// Runs gdb to completion; stdout and stderr together.
+fn run_gdb(address: &str, commands: &[&str]) -> String {
+    let (out, killed) = run_with_deadline(&mut gdb_command(address, commands), GDB_LIMIT);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("--- gdb output ---\n{text}");
+    assert!(!killed, "gdb did not finish:\n{text}");
+    text
+}
+
+/// The value of the last `$N = 0x...` line after `marker`.
+fn hex_value_after(out: &str, marker: &str) -> u64 {
+    let tail = &out[out
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} in:\n{out}"))..];
+    let line = tail
+        .lines()
+        .find(|l| l.starts_with('$') && l.contains(" = 0x"))
+        .unwrap_or_else(|| panic!("no value after {marker:?}"));
+    let hex = line
+        .split(" = 0x")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+#[test]
+fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
+    let vmm = Vmm::start("work=kernel_spin:100 secs=1", "2");
+    let out = run_gdb(
+        &vmm.address,
+        &[
+            "info threads",
+            // Set at the first instruction, before the guest has paging: planted once it has.
+            "set language c",
+            "break kernel_leaf",
+            "continue",
+            "bt 4",
+            "info registers cr3 efer",
+            "x/4gx &kernel_counter",
+            "delete",
+            "hbreak kernel_stage2",
+            "continue",
+            "info symbol $pc",
+            "x/2i $pc",
+            "set var $rdi = 5",
+            "stepi",
+            "echo after-stepi\\n",
+            "p/x $pc",
+            "echo rdi-after-step\\n",
+            "p $rdi",
+            "delete",
+            "detach",
+        ],
+    );
+    let threads = out
+        .lines()
+        .filter(|l| l.contains("Thread 1.1 (vCPU 0)") || l.contains("Thread 1.2 (vCPU 1)"))
+        .count();
+    assert_eq!(threads, 2, "info threads lists both vCPUs");
+    assert!(out.contains("hit Breakpoint 1, guest::workload::kernel_leaf"));
+    let frames: Vec<&str> = out.lines().filter(|l| l.starts_with('#')).collect();
+    let names = [
+        "kernel_leaf",
+        "kernel_stage2",
+        "kernel_stage1",
+        "kernel_spin",
+    ];
+    assert!(frames.len() >= 4, "bt shows 4 frames");
+    for (frame, name) in frames.iter().zip(names) {
+        assert!(
+            frame.contains(&format!("guest::workload::{name} ")),
+            "{frame} is {name}"
+        );
+    }
+    let cr3 = out
+        .lines()
+        .find(|l| l.starts_with("cr3 "))
+        .expect("cr3 line");
+    assert!(!cr3.contains(" 0x0 "), "paging is on: {cr3}");
+    let efer = out
+        .lines()
+        .find(|l| l.starts_with("efer "))
+        .expect("efer line");
+    assert!(efer.contains("LMA"), "long mode: {efer}");
+    assert!(
+        out.contains("<kernel_counter>:\t0x"),
+        "x/4gx of a kernel address"
+    );
+    assert!(
+        out.contains("hit Breakpoint 2, "),
+        "hbreak kernel_stage2 hit"
+    );
+    let at = out
+        .lines()
+        .find(|l| l.contains("in section .text"))
+        .expect("info symbol");
+    assert!(
+        at.starts_with("kernel_stage2 + ") || at.starts_with("guest::workload::kernel_stage2 + "),
+        "{at}"
+    );
+    // `x/2i $pc` lists the current instruction and the next one; stepi must land exactly on the second.
+    let listing: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("=> 0x") || l.starts_with("   0x"))
+        .collect();
+    let next = listing[1].split_whitespace().next().unwrap();
+    let next = u64::from_str_radix(next.trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(
+        hex_value_after(&out, "after-stepi"),
+        next,
+        "stepi ran one instruction"
+    );
+    // That instruction is `lea (%rdi,%rdi,2),%rdi`: the rdi gdb wrote reached the vCPU and was tripled.
+    assert!(
+        listing[0].contains("lea    (%rdi,%rdi,2),%rdi"),
+        "{}",
+        listing[0]
+    );
+    let rdi = out[out.find("rdi-after-step").unwrap()..]
+        .lines()
+        .find(|l| l.starts_with('$'))
+        .expect("p $rdi");
+    assert!(rdi.ends_with(" = 15"), "{rdi}");
+    assert!(out.contains("[Inferior 1 (process 1) detached]"));
+    let (code, stdout, _) = vmm.finish();
+    assert_eq!(code, Some(0), "the guest finished after detach");
+    assert!(
+        stdout.contains("guest-counters:"),
+        "the guest ran to its end"
+    );
+}
+
+#[test]
+fn watchpoints_by_page_protection_report_values() {
+    let vmm = Vmm::start("work=kernel_spin:100 secs=1", "1");
+    let out = run_gdb(
+        &vmm.address,
+        &[
+            TO_KERNEL_SPIN[0],
+            TO_KERNEL_SPIN[1],
+            TO_KERNEL_SPIN[2],
+            TO_KERNEL_SPIN[3],
+            "watch *(long *)&kernel_counter",
+            "continue",
+            "x/2i $pc - 8",
+            "delete",
+            "rwatch *(long *)&kernel_counter",
+            "continue",
+            "delete",
+            "detach",
+        ],
+    );
+    assert!(out.contains("Hardware watchpoint 2: *(long *)&kernel_counter"));
+    let old: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Old value = "))
+        .expect("old value")
+        .trim()
+        .parse()
+        .unwrap();
+    let new: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("New value = "))
+        .expect("new value")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(new, old + 1, "kernel_leaf bumps the counter by one");
+    // The stop comes after the store: the instruction before RIP is the one that writes kernel_counter.
+    assert!(
+        out.lines()
+            .any(|l| l.contains("<kernel_counter>") && !l.contains("=>")),
+        "the store to kernel_counter precedes RIP"
+    );
+    assert!(out.contains("Hardware read watchpoint 3: *(long *)&kernel_counter"));
+    assert!(out.contains("Value = "));
+    let (code, _, _) = vmm.finish();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
+    let vmm = Vmm::start("work=kernel_spin:50,user_hot_a:50 secs=2", "2");
+    let mut gdb_cmd = gdb_command(
+        &vmm.address,
+        &[
+            TO_KERNEL_SPIN[0],
+            TO_KERNEL_SPIN[1],
+            TO_KERNEL_SPIN[2],
+            TO_KERNEL_SPIN[3],
+            "break user_leaf",
+            "continue",
+            "delete",
+            "echo second-continue\\n",
+            "continue",
+            "info threads",
+            "monitor info vcpus",
+            "echo cpl=\n",
+            "p $cs & 3",
+            "stepi",
+            "detach",
+        ],
+    );
+    // One pipe for stdout and stderr keeps gdb's own order (target output such as `monitor` goes to stderr).
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut gdb = gdb_cmd
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().expect("pipe"))
+        .stderr(writer)
+        .spawn()
+        .expect("gdb must be installed (/usr/bin/gdb)");
+    // Close our copies of the write end (the Command holds them), so the reader sees gdb's end.
+    drop(gdb_cmd);
+    let gdb_out = collect_lines(reader);
+    let mut seen = String::new();
+    while !seen.contains("second-continue") {
+        seen.push_str(
+            &gdb_out
+                .recv_timeout(GDB_LIMIT)
+                .expect("gdb got to the second continue"),
+        );
+    }
+    // Interrupt as a Ctrl-C in gdb's terminal does, until gdb reports the stop: a SIGINT that lands before gdb
+    // has resumed the target only aborts a command in between, so send another after a quiet spell.
+    'interrupt: for _ in 0..INTERRUPT_ATTEMPTS {
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(gdb.id() as libc::pid_t, libc::SIGINT) };
+        while let Ok(line) = gdb_out.recv_timeout(Duration::from_secs(2)) {
+            seen.push_str(&line);
+            if seen.contains("received signal SIGINT") {
+                break 'interrupt;
+            }
+        }
+    }
+    let _ = gdb.wait();
+    let out = seen + &gdb_out.iter().collect::<String>();
+    println!("--- gdb output ---\n{out}");
+    let (code, _, stderr) = vmm.finish();
+    if is_pvm_host() {
+        assert!(out.contains("Cannot insert breakpoint 2"), "refused in gdb");
+    } else {
+        assert!(out.contains("hit Breakpoint 2, guest::user::user_leaf"));
+    }
+    assert!(out.contains("received signal SIGINT"));
+    let stopped = out
+        .lines()
+        .filter(|l| l.starts_with("vCPU ") && l.ends_with(" stopped"))
+        .count();
+    assert_eq!(stopped, 2, "all-stop: both vCPUs stopped");
+    // The interrupted vCPU is in ring 3 (user_hot_a) or ring 0 (kernel_spin, interrupts): on PVM a step is
+    // refused in ring 3 and done in ring 0.
+    let cpl_line = out[out.find("cpl=").expect("cpl marker")..]
+        .lines()
+        .find(|l| l.starts_with('$'))
+        .expect("p $cs & 3");
+    let refused = out.contains("cannot be stepped from the VMM");
+    if is_pvm_host() && cpl_line.ends_with("= 3") {
+        assert!(refused, "a ring-3 step is refused with a message");
+    } else {
+        assert!(!refused, "{cpl_line}: the step is done");
+    }
+    if is_pvm_host() {
+        assert!(
+            stderr.contains("user-space (ring-3) code"),
+            "the VMM says why"
+        );
+    }
+    assert_eq!(code, Some(0), "the guest finished after detach");
+}
+
+#[test]
+fn guest_exit_and_crash_reach_gdb() {
+    // Over a unix socket this time.
+    let dir = std::env::temp_dir().join(format!("gdb-vmm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("gdb.sock");
+    let vmm = Vmm::start_at("work=kernel_spin:100 secs=1", "1", socket.to_str().unwrap());
+    let out = run_gdb(&vmm.address, &["continue"]);
+    assert!(out.contains("[Inferior 1 (process 1) exited normally]"));
+    assert_eq!(vmm.finish().0, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let vmm = Vmm::start("work=kernel_spin:100 secs=1 fault=triple", "1");
+    let out = run_gdb(&vmm.address, &["continue", "p/x $pc", "detach"]);
+    assert!(out.contains("received signal SIGSEGV"), "crash stop");
+    assert!(out.contains("crashed: triple fault"), "with the reason");
+    let (code, _, stderr) = vmm.finish();
+    assert_eq!(code, Some(1), "the crash ends the VM once gdb is gone");
+    assert!(stderr.contains("guest crashed"));
+}

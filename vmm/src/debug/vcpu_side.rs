@@ -1,0 +1,226 @@
+//! The vCPU-thread half of the debugger: applying a resume (step, step over a hardware breakpoint), turning debug
+//! exits into stop events, and parking the vCPU when it reports one.
+
+use gdbstub_kvm::{ResumeAction, StopEvent, StopReason};
+use kvm_bindings::{
+    kvm_debug_exit_arch, kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
+};
+
+use super::{dr, CR0_PG};
+use crate::paging::{read_virt, PagingContext};
+use crate::vcpu::{Vcpu, VcpuState};
+
+const HLT: u8 = 0xf4;
+/// How long a vCPU steps waiting for pending breakpoints to become mapped (a few seconds at PVM's step rate).
+const MAX_STEPS_UNTIL_PAGING: u32 = 500_000;
+/// x86 #BP.
+const BP_VECTOR: u32 = 3;
+
+/// What the gdb thread asks of one vCPU when it resumes it.
+#[derive(Debug, Clone, Copy)]
+pub struct DebugResume {
+    pub action: ResumeAction,
+    /// The breakpoint configuration every vCPU runs with (sw/hw breakpoint flags and debug registers).
+    pub armed: kvm_guest_debug,
+    /// Step with `KVM_GUESTDBG_BLOCKIRQ` so a pending interrupt does not turn a step into a handler entry.
+    pub blockirq: bool,
+    /// The vCPU was last reported stopped on a hardware breakpoint here: if it is still there, execute that
+    /// instruction with DR7 cleared first (the breakpoint re-fires forever otherwise), then re-arm.
+    pub step_over_hw_at: Option<u64>,
+    /// Software breakpoints wait for the guest to enable paging: a continued vCPU without paging steps until it
+    /// has it and plants them.
+    pub plant_pending: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Stepping {
+    #[default]
+    None,
+    /// gdb asked for one instruction.
+    Requested { blockirq: bool },
+    /// Executing the instruction under a hardware breakpoint with DR7 cleared (it re-fires forever otherwise),
+    /// then re-arming; `then_report` when gdb asked for a step rather than a continue.
+    OverHwBreakpoint { then_report: bool },
+    /// Continuing instruction by instruction until paging is on and the pending breakpoints are planted.
+    UntilPaging { steps: u32 },
+}
+
+/// Per-vCPU debugger state, owned by the vCPU thread.
+#[derive(Debug, Default)]
+pub struct VcpuDebugState {
+    armed: kvm_guest_debug,
+    stepping: Stepping,
+}
+
+impl Vcpu {
+    /// Serves `VcpuRequest::DebugResume`: configures guest debug for the action and starts running.
+    pub(crate) fn debug_resume(&mut self, resume: DebugResume) {
+        self.debug_state.armed = resume.armed;
+        let rip = match self.fd.get_regs() {
+            Ok(regs) => regs.rip,
+            Err(e) => {
+                self.debug_report(StopReason::Crashed {
+                    description: format!("cannot read registers to resume: {e}"),
+                });
+                return;
+            }
+        };
+        let mut step_flags = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        if resume.blockirq {
+            step_flags |= KVM_GUESTDBG_BLOCKIRQ;
+        }
+        let stopped_on_hw = resume.step_over_hw_at == Some(rip)
+            && resume.armed.control & KVM_GUESTDBG_USE_HW_BP != 0;
+        let mut dbg = resume.armed;
+        self.debug_state.stepping = if stopped_on_hw {
+            dbg.arch.debugreg[7] = 0;
+            dbg.control |= step_flags;
+            Stepping::OverHwBreakpoint {
+                then_report: resume.action == ResumeAction::Step,
+            }
+        } else if resume.plant_pending
+            && resume.action == ResumeAction::Continue
+            && !self.paging_on()
+        {
+            // Without BLOCKIRQ: this is a continue, interrupts are welcome.
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+            Stepping::UntilPaging { steps: 0 }
+        } else if resume.action == ResumeAction::Step {
+            dbg.control |= step_flags;
+            Stepping::Requested {
+                blockirq: resume.blockirq,
+            }
+        } else {
+            Stepping::None
+        };
+        if let Err(e) = self.fd.set_guest_debug(&dbg) {
+            self.debug_state.stepping = Stepping::None;
+            self.debug_report(StopReason::Crashed {
+                description: format!("KVM_SET_GUEST_DEBUG failed: {e}"),
+            });
+            return;
+        }
+        self.set_state(VcpuState::Running);
+    }
+
+    /// A `KVM_EXIT_DEBUG`: the end of a step, a hardware breakpoint, or (hardware KVM) an int3.
+    pub(crate) fn on_debug_exit(&mut self, arch: kvm_debug_exit_arch) {
+        let stepping = std::mem::take(&mut self.debug_state.stepping);
+        if let Stepping::UntilPaging { steps } = stepping {
+            if dr::decode_hit(&self.debug_state.armed.arch.debugreg, arch.dr6).is_none()
+                && !self.plant_pending_breakpoints()
+            {
+                if steps < MAX_STEPS_UNTIL_PAGING {
+                    self.debug_state.stepping = Stepping::UntilPaging { steps: steps + 1 };
+                    return;
+                }
+                eprintln!(
+                    "vmm: gdb: vCPU {} ran {MAX_STEPS_UNTIL_PAGING} instructions without the pending breakpoints \
+                     becoming mapped; running on without them",
+                    self.id
+                );
+            }
+        }
+        if let Stepping::Requested { blockirq: true } = stepping {
+            if self.at_hlt() {
+                // Clearing BLOCKIRQ on a `hlt` with an interrupt pending hangs the vCPU on PVM hosts: execute the
+                // `hlt` in the same step mode (it does not halt under single-step) and report the step after it.
+                self.debug_state.stepping = stepping;
+                return;
+            }
+        }
+        if stepping != Stepping::None {
+            // Back to the armed configuration: no single-step, DR7 re-armed.
+            let armed = self.debug_state.armed;
+            if let Err(e) = self.fd.set_guest_debug(&armed) {
+                self.debug_report(StopReason::Crashed {
+                    description: format!("KVM_SET_GUEST_DEBUG failed after a step: {e}"),
+                });
+                return;
+            }
+        }
+        match stepping {
+            Stepping::Requested { .. } | Stepping::OverHwBreakpoint { then_report: true } => {
+                self.debug_report(StopReason::StepDone);
+                return;
+            }
+            Stepping::OverHwBreakpoint { then_report: false } => return,
+            // Planted (or given up on): armed again, running normally from here.
+            Stepping::UntilPaging { .. }
+                if dr::decode_hit(&self.debug_state.armed.arch.debugreg, arch.dr6).is_none() =>
+            {
+                return
+            }
+            // A hardware breakpoint fired meanwhile: reported below.
+            Stepping::UntilPaging { .. } | Stepping::None => {}
+        }
+        if arch.exception == BP_VECTOR {
+            let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(arch.pc);
+            if self.debug.owns_sw_breakpoint(rip) {
+                self.debug_report(StopReason::SwBreakpoint);
+            } else {
+                // The guest's own int3: hand it back as the #BP it is.
+                let mut dbg = self.debug_state.armed;
+                dbg.control |= KVM_GUESTDBG_INJECT_BP;
+                if let Err(e) = self.fd.set_guest_debug(&dbg) {
+                    self.debug_report(StopReason::Crashed {
+                        description: format!("cannot re-inject the guest's int3: {e}"),
+                    });
+                }
+            }
+        } else if let Some(reason) = dr::decode_hit(&self.debug_state.armed.arch.debugreg, arch.dr6)
+        {
+            // Execute breakpoints stop before the instruction, data breakpoints (traps) after the access.
+            self.debug_report(reason);
+        } else if self.debug.session_active() {
+            self.debug_report(StopReason::Paused);
+        }
+    }
+
+    fn paging_on(&self) -> bool {
+        self.fd.get_sregs().is_ok_and(|s| s.cr0 & CR0_PG != 0)
+    }
+
+    /// Plants the pending software breakpoints once this vCPU has paging; true when none is left.
+    fn plant_pending_breakpoints(&self) -> bool {
+        match self.registers(false) {
+            Ok(regs) if regs.cr0 & CR0_PG != 0 => self
+                .debug
+                .plant_pending(&self.mem, &PagingContext::from_regs(&regs)),
+            _ => false,
+        }
+    }
+
+    /// Whether the next instruction is `hlt`.
+    fn at_hlt(&self) -> bool {
+        let Ok(regs) = self.registers(false) else {
+            return false;
+        };
+        let mut byte = [0u8; 1];
+        read_virt(
+            &self.mem,
+            &PagingContext::from_regs(&regs),
+            regs.rip,
+            &mut byte,
+        ) == 1
+            && byte[0] == HLT
+    }
+
+    /// Completes an exit KVM has not finished (an MMIO load's data goes into its register on the next entry),
+    /// so the reported state is after the access.
+    pub(crate) fn complete_pending_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// Parks this vCPU and queues its stop for gdb. The gdb thread stops the other vCPUs before it reports it.
+    pub(crate) fn debug_report(&mut self, reason: StopReason) {
+        self.set_state(VcpuState::Paused);
+        self.debug.queue().push(StopEvent {
+            vcpu: self.id,
+            reason,
+        });
+    }
+}
