@@ -21,7 +21,6 @@ const LEAF7_EBX_XSAVE_STATE: u32 = (1 << 5)
     | (1 << 28)
     | (1 << 30)
     | (1 << 31);
-const LEAF7_EBX_SMAP: u32 = 1 << 20;
 /// Leaf 7 ECX: AVX-512 VBMI/VBMI2/VNNI/BITALG/VPOPCNTDQ, VAES, VPCLMULQDQ, GFNI (VEX/EVEX forms).
 const LEAF7_ECX_XSAVE_STATE: u32 =
     (1 << 1) | (1 << 6) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
@@ -30,12 +29,13 @@ const LEAF7_EDX_XSAVE_STATE: u32 =
     (1 << 2) | (1 << 3) | (1 << 8) | (1 << 22) | (1 << 23) | (1 << 24);
 
 /// What to change in the supported CPUID for one guest.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CpuidPolicy {
     pub hide_cx16: bool,
     pub hide_xsave: bool,
     pub hide_pmu: bool,
-    pub hide_smap: bool,
+    /// CPUID-gated features whose instructions the host cannot run at CPL0.
+    pub hide_gated: Vec<crate::probe::GatedFeature>,
 }
 
 impl CpuidPolicy {
@@ -45,13 +45,13 @@ impl CpuidPolicy {
             hide_cx16: caps.cmpxchg16b == Emulation::Fails,
             hide_xsave: caps.xsave == Emulation::Fails,
             hide_pmu: no_pmu || !caps.pmu,
-            hide_smap: caps.smap == Emulation::Fails,
+            hide_gated: caps.unrunnable.clone(),
         }
     }
 }
 
 /// Applies the policy and the vCPU's APIC id to a copy of the supported CPUID.
-pub fn for_vcpu(supported: &CpuId, policy: CpuidPolicy, apic_id: u32, num_cpus: u32) -> CpuId {
+pub fn for_vcpu(supported: &CpuId, policy: &CpuidPolicy, apic_id: u32, num_cpus: u32) -> CpuId {
     let mut cpuid = supported.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -69,15 +69,10 @@ pub fn for_vcpu(supported: &CpuId, policy: CpuidPolicy, apic_id: u32, num_cpus: 
                         | LEAF1_ECX_F16C);
                 }
             }
-            7 if e.index == 0 => {
-                if policy.hide_xsave {
-                    e.ebx &= !LEAF7_EBX_XSAVE_STATE;
-                    e.ecx &= !LEAF7_ECX_XSAVE_STATE;
-                    e.edx &= !LEAF7_EDX_XSAVE_STATE;
-                }
-                if policy.hide_smap {
-                    e.ebx &= !LEAF7_EBX_SMAP;
-                }
+            7 if e.index == 0 && policy.hide_xsave => {
+                e.ebx &= !LEAF7_EBX_XSAVE_STATE;
+                e.ecx &= !LEAF7_ECX_XSAVE_STATE;
+                e.edx &= !LEAF7_EDX_XSAVE_STATE;
             }
             0xa if policy.hide_pmu => {
                 (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
@@ -87,6 +82,16 @@ pub fn for_vcpu(supported: &CpuId, policy: CpuidPolicy, apic_id: u32, num_cpus: 
                 (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
             }
             _ => {}
+        }
+    }
+    for f in &policy.hide_gated {
+        for e in cpuid
+            .as_mut_slice()
+            .iter_mut()
+            .filter(|e| e.function == f.leaf && e.index == 0)
+        {
+            let reg = if f.in_ebx { &mut e.ebx } else { &mut e.ecx };
+            *reg &= !(1 << f.bit);
         }
     }
     cpuid
@@ -128,22 +133,31 @@ mod tests {
             hide_cx16: true,
             hide_xsave: true,
             hide_pmu: true,
-            hide_smap: true,
+            hide_gated: vec![crate::probe::GatedFeature {
+                name: "fsgsbase",
+                leaf: 7,
+                in_ebx: true,
+                bit: 0,
+                cpuid_leaks: false,
+            }],
         };
-        let c = for_vcpu(&supported, hide, 3, 4);
+        let c = for_vcpu(&supported, &hide, 3, 4);
         let s = c.as_slice();
         assert_eq!(s[0].ecx, 1 | LEAF1_ECX_HYPERVISOR);
         assert_eq!(s[0].ebx >> 24, 3);
-        assert_eq!(s[1].ebx, 1);
+        assert_eq!(
+            s[1].ebx, 0,
+            "AVX2 (xsave state) and FSGSBASE (gated) hidden"
+        );
         assert_eq!((s[2].eax, s[2].ebx), (0, 0));
         assert_eq!(s[3].edx, 3);
         let keep = CpuidPolicy {
             hide_cx16: false,
             hide_xsave: false,
             hide_pmu: false,
-            hide_smap: false,
+            hide_gated: Vec::new(),
         };
-        let c = for_vcpu(&supported, keep, 0, 1);
+        let c = for_vcpu(&supported, &keep, 0, 1);
         assert_eq!(
             c.as_slice()[0].ecx & (LEAF1_ECX_CX16 | LEAF1_ECX_AVX),
             LEAF1_ECX_CX16 | LEAF1_ECX_AVX

@@ -66,10 +66,9 @@ pub struct HostCaps {
     pub xsave_cpuid_leaks: bool,
     /// Likewise for CPUID.1:ECX.CX16 (`clearcpuid=cx16` on a Linux command line).
     pub cx16_cpuid_leaks: bool,
-    /// `clac` at CPL0 (SMAP): Linux's exception entries start with it.
-    pub smap: Emulation,
-    /// CPUID.7:EBX.SMAP shows through a table that clears it (`nosmap` on a Linux command line).
-    pub smap_cpuid_leaks: bool,
+    /// CPUID-gated instructions Linux patches in through alternatives (SMAP's `clac`, POPCNT, …) that this host
+    /// cannot run at CPL0; they are hidden from guests.
+    pub unrunnable: Vec<GatedFeature>,
     pub int3: Int3Delivery,
     /// A DR7 write watch armed with `KVM_GUESTDBG_USE_HW_BP` stops a CPL0 store with `KVM_EXIT_DEBUG` (measured
     /// by a snippet). Where not, the debugger watches memory by page protection instead.
@@ -85,9 +84,12 @@ impl HostCaps {
         }
         // Linux 5.19+ dropped `nosmap`; `clearcpuid=` takes feature names (one option, comma-separated).
         let mut clear = Vec::new();
-        if self.smap == Emulation::Fails && self.smap_cpuid_leaks {
-            clear.push("smap");
-        }
+        clear.extend(
+            self.unrunnable
+                .iter()
+                .filter(|f| f.cpuid_leaks)
+                .map(|f| f.name),
+        );
         if self.cmpxchg16b == Emulation::Fails && self.cx16_cpuid_leaks {
             clear.push("cx16");
         }
@@ -146,8 +148,7 @@ impl HostCaps {
             xsave: snippets.xsave,
             xsave_cpuid_leaks: snippets.xsave_cpuid_leaks,
             cx16_cpuid_leaks: snippets.cx16_cpuid_leaks,
-            smap: snippets.smap,
-            smap_cpuid_leaks: snippets.smap_cpuid_leaks,
+            unrunnable: snippets.unrunnable,
             int3: snippets.int3,
             data_breakpoints: snippets.data_breakpoints,
         })
@@ -215,25 +216,19 @@ impl fmt::Display for HostCaps {
                 "yes"
             }
         )?;
-        writeln!(
-            f,
-            "CPL0 clac (SMAP)       {:?}{}",
-            self.smap,
-            if self.smap == Emulation::Fails {
-                " (SMAP hidden from guests)"
-            } else {
-                ""
-            }
-        )?;
-        writeln!(
-            f,
-            "CPUID hides SMAP       {}",
-            if self.smap_cpuid_leaks {
-                "no: the host shows it anyway (Linux guests get `clearcpuid=smap`)"
-            } else {
-                "yes"
-            }
-        )?;
+        for g in &self.unrunnable {
+            writeln!(
+                f,
+                "CPL0 {:<18}Fails ({} hidden from guests{})",
+                g.name,
+                g.name,
+                if g.cpuid_leaks {
+                    "; CPUID shows it anyway, so Linux guests get clearcpuid"
+                } else {
+                    ""
+                }
+            )?;
+        }
         writeln!(
             f,
             "CPUID hides CX16       {}",
@@ -267,7 +262,101 @@ impl fmt::Display for HostCaps {
 const SNIPPET_CODE: u64 = 0x10000;
 const SNIPPET_DATA: u64 = 0x20000;
 const CPUID_CX16: u32 = 1 << 13;
-const CPUID7_SMAP: u32 = 1 << 20;
+
+/// A CPUID feature bit, and whether the host shows it to guests even when the VMM's table clears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatedFeature {
+    /// Linux's name for it (`clearcpuid=` takes these).
+    pub name: &'static str,
+    pub leaf: u32,
+    /// In EBX (else ECX) of the leaf, subleaf 0.
+    pub in_ebx: bool,
+    pub bit: u32,
+    pub cpuid_leaks: bool,
+}
+
+/// CPUID-gated instructions Linux patches into hot paths with alternatives, and the CPL0 snippet that runs each.
+struct Gated {
+    name: &'static str,
+    leaf: u32,
+    in_ebx: bool,
+    bit: u32,
+    code: &'static [u8],
+    cr4: u64,
+}
+
+const GATED: [Gated; 6] = [
+    // clac: every Linux exception entry starts with it when SMAP is on.
+    Gated {
+        name: "smap",
+        leaf: 7,
+        in_ebx: true,
+        bit: 20,
+        code: &[0x0f, 0x01, 0xca, 0xf4],
+        cr4: 0,
+    },
+    // popcnt rax, rdi: hweight*() after alternatives.
+    Gated {
+        name: "popcnt",
+        leaf: 1,
+        in_ebx: false,
+        bit: 23,
+        code: &[0xf3, 0x48, 0x0f, 0xb8, 0xc7, 0xf4],
+        cr4: 0,
+    },
+    // movbe eax, [rdi]
+    Gated {
+        name: "movbe",
+        leaf: 1,
+        in_ebx: false,
+        bit: 22,
+        code: &[0x0f, 0x38, 0xf0, 0x07, 0xf4],
+        cr4: 0,
+    },
+    // rdrand rax
+    Gated {
+        name: "rdrand",
+        leaf: 1,
+        in_ebx: false,
+        bit: 30,
+        code: &[0x48, 0x0f, 0xc7, 0xf0, 0xf4],
+        cr4: 0,
+    },
+    // rdseed rax
+    Gated {
+        name: "rdseed",
+        leaf: 7,
+        in_ebx: true,
+        bit: 18,
+        code: &[0x48, 0x0f, 0xc7, 0xf8, 0xf4],
+        cr4: 0,
+    },
+    // rdfsbase rax (needs CR4.FSGSBASE)
+    Gated {
+        name: "fsgsbase",
+        leaf: 7,
+        in_ebx: true,
+        bit: 0,
+        code: &[0xf3, 0x48, 0x0f, 0xae, 0xc0, 0xf4],
+        cr4: 1 << 16,
+    },
+];
+
+/// Sets (`on`) or clears a gated feature's bit in a CPUID table.
+fn set_gated_bit(cpuid: &mut CpuId, leaf: u32, in_ebx: bool, bit: u32, on: bool) {
+    for e in cpuid
+        .as_mut_slice()
+        .iter_mut()
+        .filter(|e| e.function == leaf && e.index == 0)
+    {
+        let reg = if in_ebx { &mut e.ebx } else { &mut e.ecx };
+        *reg = if on {
+            *reg | (1 << bit)
+        } else {
+            *reg & !(1 << bit)
+        };
+    }
+}
 const CPUID_XSAVE: u32 = 1 << 26;
 
 struct SnippetResults {
@@ -275,8 +364,7 @@ struct SnippetResults {
     xsave: Emulation,
     xsave_cpuid_leaks: bool,
     cx16_cpuid_leaks: bool,
-    smap: Emulation,
-    smap_cpuid_leaks: bool,
+    unrunnable: Vec<GatedFeature>,
     int3: Int3Delivery,
     data_breakpoints: bool,
 }
@@ -295,8 +383,7 @@ fn run_snippets(
         xsave: Emulation::Runs,
         xsave_cpuid_leaks: false,
         cx16_cpuid_leaks: false,
-        smap: Emulation::Runs,
-        smap_cpuid_leaks: false,
+        unrunnable: Vec::new(),
         int3: Int3Delivery::Unknown,
         data_breakpoints: false,
     };
@@ -343,19 +430,16 @@ fn run_snippets(
         ))
     };
     // mov eax, 1; xor ecx, ecx; cpuid; mov [rdi], ecx; mov eax, 7; xor ecx, ecx; cpuid; mov [rdi+4], ebx; hlt —
-    // with XSAVE, CX16 and SMAP cleared in the table.
+    // with XSAVE, CX16 and every gated feature cleared in the table.
     let code = [
         0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x89, 0x0f, 0xb8, 7, 0, 0, 0, 0x31, 0xc9, 0x0f,
         0xa2, 0x89, 0x5f, 0x04, 0xf4,
     ];
     let mut cpuid = with_leaf1_ecx(0, CPUID_XSAVE | CPUID_CX16);
-    for e in cpuid
-        .as_mut_slice()
-        .iter_mut()
-        .filter(|e| e.function == 7 && e.index == 0)
-    {
-        e.ebx &= !CPUID7_SMAP;
+    for g in &GATED {
+        set_gated_bit(&mut cpuid, g.leaf, g.in_ebx, g.bit, false);
     }
+    let (mut seen1, mut seen7) = (0u32, 0u32);
     if run_one(
         &vm,
         &mem,
@@ -372,35 +456,36 @@ fn run_snippets(
             .unwrap_or(0);
         r.xsave_cpuid_leaks = seen & CPUID_XSAVE != 0;
         r.cx16_cpuid_leaks = seen & CPUID_CX16 != 0;
-        let seen7: u32 = mem
+        seen1 = seen;
+        seen7 = mem
             .read_obj(GuestAddress(SNIPPET_DATA + 2 * 0x1000 + 4))
             .unwrap_or(0);
-        r.smap_cpuid_leaks = seen7 & CPUID7_SMAP != 0;
     }
-    // A host that shows SMAP through a table that hides it must be probed too.
-    r.smap = if leaf7_ebx & CPUID7_SMAP == 0 && !r.smap_cpuid_leaks {
-        Emulation::NotOffered
-    } else {
-        // clac; hlt
-        let mut with_smap = supported.clone();
-        for e in with_smap
-            .as_mut_slice()
-            .iter_mut()
-            .filter(|e| e.function == 7 && e.index == 0)
-        {
-            e.ebx |= CPUID7_SMAP;
+    // Each gated instruction the host offers, or shows through a table that hides it, runs once at CPL0.
+    for (n, g) in GATED.iter().enumerate() {
+        let seen = if g.leaf == 1 { seen1 } else { seen7 };
+        let leaks = seen & (1 << g.bit) != 0;
+        let offered = if g.leaf == 1 { leaf1_ecx } else { leaf7_ebx } & (1 << g.bit) != 0;
+        if !offered && !leaks {
+            continue;
         }
-        emulation(run_one(
-            &vm,
-            &mem,
-            4,
-            &[0x0f, 0x01, 0xca, 0xf4],
-            Snippet {
-                cpuid: Some(&with_smap),
-                ..Default::default()
-            },
-        ))
-    };
+        let mut with_bit = supported.clone();
+        set_gated_bit(&mut with_bit, g.leaf, g.in_ebx, g.bit, true);
+        let opts = Snippet {
+            cpuid: Some(&with_bit),
+            cr4: g.cr4,
+            ..Default::default()
+        };
+        if emulation(run_one(&vm, &mem, 5 + n as u64, g.code, opts)) == Emulation::Fails {
+            r.unrunnable.push(GatedFeature {
+                name: g.name,
+                leaf: g.leaf,
+                in_ebx: g.in_ebx,
+                bit: g.bit,
+                cpuid_leaks: leaks,
+            });
+        }
+    }
     r.int3 = match run_one(
         &vm,
         &mem,
@@ -444,6 +529,8 @@ struct Snippet<'a> {
     sw_bp: bool,
     /// Guest debug to run with, instead of `sw_bp`'s.
     guest_debug: Option<kvm_guest_debug>,
+    /// Extra CR4 bits the instruction needs enabled.
+    cr4: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -500,6 +587,7 @@ fn run_one(
     if opts.xsave {
         sregs.cr4 |= (1 << 18) | (1 << 9); // OSXSAVE | OSFXSR
     }
+    sregs.cr4 |= opts.cr4;
     vcpu.set_sregs(&sregs).ok()?;
     vcpu.set_regs(&regs).ok()?;
     if opts.xsave {

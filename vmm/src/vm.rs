@@ -392,7 +392,7 @@ impl Vm {
             );
             fd.set_cpuid2(&cpuid::for_vcpu(
                 &supported,
-                policy,
+                &policy,
                 id as u32,
                 cfg.cpus as u32,
             ))
