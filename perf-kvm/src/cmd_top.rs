@@ -68,12 +68,6 @@ pub fn run(args: TopArgs) -> anyhow::Result<i32> {
             args.delay
         );
     }
-    if args.vm.is_some() {
-        anyhow::bail!(
-            "top --vm needs sample streaming over the control socket, which is not available yet; start the VM \
-             with `perf-kvm top -- run --kernel PATH ...` (or use `perf-kvm stat live --vm SOCKET` for exits)"
-        );
-    }
     vm_source::install_interrupt_handlers();
     // Refuse before booting anything when there is no terminal to draw on.
     let guard = if args.stdio {

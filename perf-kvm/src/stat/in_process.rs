@@ -159,7 +159,13 @@ impl AnySource {
     ) -> Result<AnySource, InProcessError> {
         match (vm, vmm_args.is_empty()) {
             (Some(_), false) => Err(InProcessError::BothTargets),
-            (Some(sock), true) => Ok(AnySource::Socket(ControlSocketSource::connect(sock)?)),
+            (Some(sock), true) => {
+                let mut source = ControlSocketSource::connect(sock)?;
+                if let Some(s) = sampler {
+                    source.start_sampling(s.frequency_hz, s.callchains)?;
+                }
+                Ok(AnySource::Socket(source))
+            }
             (None, _) => Ok(AnySource::InProcess(InProcessSource::start(
                 vmm_args, sampler, serial,
             )?)),

@@ -48,13 +48,15 @@ pub trait VmSource {
     fn guest_kernel(&self) -> Option<PathBuf>;
 }
 
-/// A running VM's control socket (JSON lines, protocol v1). Exit statistics only, for now.
+/// A running VM's control socket (JSON lines, protocol v1): exit statistics on one connection, samples (when
+/// `start_sampling` was called) streaming on another.
 pub struct ControlSocketSource {
     path: PathBuf,
     client: ControlClient,
     vcpus: usize,
     kernel: Option<PathBuf>,
     ended: bool,
+    samples: Option<crate::feed::SampleFeed>,
 }
 
 impl ControlSocketSource {
@@ -85,7 +87,21 @@ impl ControlSocketSource {
             vcpus,
             kernel,
             ended: false,
+            samples: None,
         })
+    }
+
+    /// Starts a sampling session on the VM (one per VM at a time).
+    pub fn start_sampling(&mut self, freq: u32, callchains: bool) -> Result<(), SourceError> {
+        let feed = crate::feed::SampleFeed::attach(&self.path, freq, callchains).map_err(|e| {
+            SourceError::BadReply {
+                path: self.path.display().to_string(),
+                what: "a sampling session",
+                detail: truncate(&format!("{e:#}")),
+            }
+        })?;
+        self.samples = Some(feed);
+        Ok(())
     }
 }
 
@@ -125,14 +141,27 @@ impl VmSource for ControlSocketSource {
         ))
     }
 
-    fn drain_samples(&mut self, _out: &mut Vec<Sample>, _max: usize) -> Result<bool, SourceError> {
-        Err(SourceError::Unsupported(
-            "sample streaming over the control socket",
-        ))
+    fn drain_samples(&mut self, out: &mut Vec<Sample>, max: usize) -> Result<bool, SourceError> {
+        let Some(feed) = &self.samples else {
+            return Err(SourceError::Unsupported(
+                "samples without a sampling session",
+            ));
+        };
+        for _ in 0..max {
+            match feed.next(std::time::Duration::ZERO) {
+                crate::feed::Feed::Sample(s) => out.push(s),
+                crate::feed::Feed::Idle => return Ok(true),
+                crate::feed::Feed::Ended => {
+                    self.ended = true;
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn sample_loss(&self) -> SampleLoss {
-        SampleLoss::default()
+        self.samples.as_ref().map(|f| f.loss()).unwrap_or_default()
     }
 
     fn has_ended(&self) -> bool {
