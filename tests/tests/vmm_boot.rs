@@ -313,3 +313,62 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Every `fault=` mode of the test guest under our VMM: a non-zero exit, a clear message, and the vCPU state (the
+/// VMM's crash report for a triple fault; the guest's own exception line, which our VMM lets it print, otherwise).
+#[test]
+fn every_guest_fault_mode_ends_non_zero_with_the_vcpu_state() {
+    let elf = guest_elf();
+    let cases: [(&str, i32, &[&str]); 5] = [
+        (
+            "triple",
+            1,
+            &[
+                "vmm: guest crashed",
+                "triple fault (KVM_EXIT_SHUTDOWN)",
+                "RIP: 0x",
+                "<guest::fault::",
+                "CR3:",
+            ],
+        ),
+        (
+            "mmio",
+            3,
+            &[
+                "guest-fault: mmio addr=0xd0000000 wrote=0xdeadbeef read=0xffffffff",
+                "status 3",
+            ],
+        ),
+        ("int3", 35, &["vector=3 #BP rip=0xffffffff8", "status 35"]),
+        (
+            "pagefault",
+            46,
+            &["vector=14 #PF", "cr2=0xffffc0000dead000", "status 46"],
+        ),
+        (
+            "user-pagefault",
+            46,
+            &["vector=14 #PF", "cs=0x33", "cr2=0xdead000", "status 46"],
+        ),
+    ];
+    for (mode, code, expect) in cases {
+        let (out, killed) = vmm(&[
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--cmdline",
+            &format!("fault={mode}"),
+        ]);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!killed, "fault={mode} hung:\n{all}");
+        assert_eq!(out.status.code(), Some(code), "fault={mode}:\n{all}");
+        assert!(!all.contains("panicked"), "fault={mode}:\n{all}");
+        for e in expect {
+            assert!(all.contains(e), "fault={mode}: missing {e:?} in:\n{all}");
+        }
+    }
+}

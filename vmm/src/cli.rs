@@ -63,7 +63,7 @@ impl RunArgs {
             no_pmu: self.no_pmu,
             serial_out,
             sampler: None,
-            symbolize: None,
+            symbolize: Some(kernel_symbolizer(self.kernel.clone())),
             start_paused: false,
         })
     }
@@ -90,4 +90,20 @@ pub fn parse_run_args(args: &[String]) -> Result<RunArgs, clap::Error> {
     }
     let RunSubcommand::Run(run) = RunCommandLine::try_parse_from(words)?.command;
     Ok(run)
+}
+
+/// Names a guest address from the kernel image's own symbols, for crash reports. Built only when a crash happens,
+/// so a VM that never crashes never parses its kernel's symbol table; images without symbols just give nothing.
+fn kernel_symbolizer(kernel: PathBuf) -> crate::vm::SymbolizeFn {
+    std::sync::Arc::new(move |addr| {
+        let mut symbolizer = symbols::Symbolizer::new();
+        symbolizer.add_elf(&kernel, 0).ok()?;
+        let found = symbolizer.symbolize(&[addr]).pop()?;
+        let outer = found.frames.last()?;
+        let name = outer.function.clone()?;
+        Some(match outer.symbol_offset {
+            Some(off) => format!("{name}+{off:#x}"),
+            None => name,
+        })
+    })
 }
