@@ -45,6 +45,9 @@ pub enum InternalErrorAction {
     InjectBreakpoint,
     /// An `int3` the debugger planted: a breakpoint hit at RIP.
     DebuggerBreakpoint,
+    /// `fwait` (0x9b), which KVM's emulator cannot run at CPL0 on PVM hosts: with no unmasked x87 exception
+    /// pending it does nothing, so the VMM completes it by stepping RIP past it; otherwise the guest gets its #MF.
+    CompleteFwait,
     /// Anything else: the VM cannot go on.
     Fatal,
 }
@@ -78,6 +81,7 @@ pub fn classify_internal_error(
             InternalErrorAction::DebuggerBreakpoint
         }
         (SUBERROR_EMULATION, Some(0xcc)) => InternalErrorAction::InjectBreakpoint,
+        (SUBERROR_EMULATION, Some(0x9b)) => InternalErrorAction::CompleteFwait,
         _ => InternalErrorAction::Fatal,
     }
 }
@@ -161,6 +165,10 @@ mod tests {
         assert_eq!(
             classify_internal_error(1, Some(0x0f), false),
             InternalErrorAction::Fatal
+        );
+        assert_eq!(
+            classify_internal_error(1, Some(0x9b), false),
+            InternalErrorAction::CompleteFwait
         );
         assert_eq!(
             classify_internal_error(3, Some(0xcc), false),

@@ -436,6 +436,10 @@ impl Vcpu {
                 Ok(()) => None,
                 Err(e) => Some(self.crash(format!("cannot deliver guest int3 as #BP: {e}"))),
             },
+            InternalErrorAction::CompleteFwait => match self.complete_fwait() {
+                Ok(()) => None,
+                Err(e) => Some(self.crash(format!("cannot complete the guest's fwait: {e}"))),
+            },
             InternalErrorAction::DebuggerBreakpoint => {
                 // RIP stays on the int3, as gdb expects of a software breakpoint hit.
                 self.debug_report(StopReason::SwBreakpoint);
@@ -452,6 +456,30 @@ impl Vcpu {
                 }
             ))),
         }
+    }
+
+    /// Completes an `fwait` the host's emulator rejected: a no-op unless an unmasked x87 exception is pending
+    /// (FSW.ES), in which case the guest gets the #MF (vector 16) fwait would have raised.
+    fn complete_fwait(&mut self) -> Result<(), VcpuError> {
+        let fpu = self.fd.get_fpu().map_err(self.ioctl_err("KVM_GET_FPU"))?;
+        if fpu.fsw & 0x80 != 0 {
+            let mut events = self
+                .fd
+                .get_vcpu_events()
+                .map_err(self.ioctl_err("KVM_GET_VCPU_EVENTS"))?;
+            events.exception.injected = 1;
+            events.exception.nr = 16;
+            events.exception.has_error_code = 0;
+            return self
+                .fd
+                .set_vcpu_events(&events)
+                .map_err(self.ioctl_err("KVM_SET_VCPU_EVENTS"));
+        }
+        let mut regs = self.fd.get_regs().map_err(self.ioctl_err("KVM_GET_REGS"))?;
+        regs.rip += 1;
+        self.fd
+            .set_regs(&regs)
+            .map_err(self.ioctl_err("KVM_SET_REGS"))
     }
 
     /// Delivers a CPL0 `int3` that the host reported as an emulation failure to the guest as #BP.
