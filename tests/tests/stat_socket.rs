@@ -76,3 +76,89 @@ fn watches_a_running_vm_and_survives_its_end() {
     );
     assert!(vm.wait().unwrap().success());
 }
+
+/// `perf-kvm top --vm` and `record --vm` attach to a VM started with `--control`, sample it, detach, and leave it
+/// undisturbed: the guest still finishes its workload with the right truth and exit status 0.
+#[test]
+fn top_and_record_attach_sample_and_detach_without_disturbing_the_vm() {
+    let scratch = Scratch::new("attach");
+    let sock = scratch.0.join("vm.sock");
+    let vmm = perf_kvm().with_file_name("vmm");
+    let vm = Command::new(&vmm)
+        .args(["run", "--kernel", guest_elf().to_str().unwrap()])
+        .args([
+            "--cmdline",
+            "work=user_hot_a:70,user_cold:30 secs=8",
+            "--control",
+            sock.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !sock.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no control socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // top in text mode for ~2 s (SIGINT ends it like Ctrl-C).
+    let top = Command::new(perf_kvm())
+        .args([
+            "top",
+            "--stdio",
+            "-d",
+            "0.5",
+            "--vm",
+            sock.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(top.id() as i32, libc::SIGINT) };
+    let top = top.wait_with_output().unwrap();
+    let top_out = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success(),
+        "top: {top_out}\n{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    assert!(
+        top_out.contains("user_leaf") || top_out.contains("user_hot_a"),
+        "top never showed the hot code:\n{top_out}"
+    );
+    // Then record 1 s of it.
+    let data = scratch.0.join("attach.data");
+    let rec = Command::new(perf_kvm())
+        .args(["record", "-F", "500", "-g", "--duration", "1", "-o"])
+        .arg(&data)
+        .args(["--vm", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        rec.status.success(),
+        "record: {}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let report = Command::new(perf_kvm())
+        .args(["report", "--stdio", "--sort", "sym", "-i"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&report.stdout).contains("user_leaf"));
+    // The VM carries on to its normal end.
+    let out = vm.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("guest-truth: user_hot_a="), "{stdout}");
+}

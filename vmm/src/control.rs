@@ -161,13 +161,23 @@ fn stream_samples(out: &mut UnixStream, vm: &VmControl, freq: u32, callchains: b
         queue_capacity: 1 << 16,
         kick_only: false,
     };
-    let stream = match vm.start_sampling(cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = writeln!(out, "{}", error_reply(&e.to_string()));
-            return;
+    // A client that just went away (a `top` quit a moment ago) still holds the session until its stream notices,
+    // which takes at most one loss-line period: wait that long before calling the VM busy.
+    let mut waited = std::time::Duration::ZERO;
+    let stream = loop {
+        match vm.start_sampling(cfg) {
+            Ok(s) => break s,
+            Err(crate::sampler::SamplerError::Busy) if waited < BUSY_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                waited += std::time::Duration::from_millis(50);
+            }
+            Err(e) => {
+                let _ = writeln!(out, "{}", error_reply(&e.to_string()));
+                return;
+            }
         }
     };
+    let peer = out.try_clone().ok();
     let mut w = std::io::BufWriter::new(out);
     let mut ok = writeln!(w, "{}", json!({ "ok": true, "vcpus": vm.vcpu_count() })).is_ok()
         && w.flush().is_ok();
@@ -188,11 +198,28 @@ fn stream_samples(out: &mut UnixStream, vm: &VmControl, freq: u32, callchains: b
         }
         if ok && last_loss.elapsed() >= std::time::Duration::from_millis(100) {
             ok = writeln!(w, "{}", json!({ "loss": stream.loss.snapshot() })).is_ok()
-                && w.flush().is_ok();
+                && w.flush().is_ok()
+                && !peer.as_ref().is_some_and(peer_hung_up);
             last_loss = std::time::Instant::now();
         }
     }
     vm.stop_sampling();
+}
+
+/// How long a sampling request waits for a departing client's session to end.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether the client closed its end (writes into a half-closed socket can still succeed for a while).
+fn peer_hung_up(sock: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on a socket we own, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 fn error_reply(msg: &str) -> Value {
