@@ -9,7 +9,10 @@ use perf_kvm::perf_data::{GuestUserMap, PerfDataWriter, RecordMeta};
 use vmm::sampler::SamplerConfig;
 use vmm::SampleLoss;
 
-use crate::vm_source::{self, Feed, SampleFeed, StartedVm};
+use perf_kvm::stat::in_process::InProcessSource;
+use perf_kvm::stat::source::VmSource;
+
+use crate::vm_source::{self, Feed, SampleFeed};
 
 #[derive(clap::Args)]
 pub struct RecordArgs {
@@ -75,9 +78,10 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                 queue_capacity: 1 << 16,
                 kick_only: args.kick_only,
             };
-            let mut vm = StartedVm::start(&args.vmm_args, Some(sampler))?;
-            let stream = vm.stream.take().expect("sampling was configured");
-            let meta = record_meta(&args, &vm.run_args.kernel, vm.control.vcpu_count() as u32);
+            let mut vm =
+                InProcessSource::start(&args.vmm_args, Some(sampler), Box::new(std::io::stdout()))?;
+            let stream = vm.take_stream().expect("sampling was configured");
+            let meta = record_meta(&args, vm.kernel(), vm.control().vcpu_count() as u32);
             (Some(vm), SampleFeed::InProcess(stream), meta)
         }
     };

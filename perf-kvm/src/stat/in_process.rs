@@ -84,6 +84,20 @@ impl InProcessSource {
         })
     }
 
+    /// Hands the sample stream to a consumer of its own (`record`).
+    pub fn take_stream(&mut self) -> Option<SampleStream> {
+        self.stream.take()
+    }
+
+    pub fn control(&self) -> &VmControl {
+        &self.control
+    }
+
+    /// The kernel image the VM booted.
+    pub fn kernel(&self) -> &std::path::Path {
+        &self.kernel
+    }
+
     /// Stops the VM if it still runs and returns how it ended.
     pub fn finish(self) -> VmEnd {
         if !self.ended.load(Ordering::SeqCst) {
