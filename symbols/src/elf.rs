@@ -188,6 +188,23 @@ impl ElfObject {
     }
 
     /// Frames for a link-time address, innermost first. Empty when neither DWARF nor the symbol table knows it.
+    /// The containing function from the symbol table alone (no DWARF).
+    pub fn symbol_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
+        self.symtab
+            .lookup(link_addr)
+            .map(|s| Frame {
+                function: Some(display_name(&s.name, demangle)),
+                symbol_offset: Some(link_addr - s.start),
+                file: None,
+                line: None,
+                column: None,
+                discriminator: None,
+                inlined: false,
+            })
+            .into_iter()
+            .collect()
+    }
+
     pub fn frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
         let mut frames = self.dwarf_frames(link_addr, demangle);
         let symbol = self.symtab.lookup(link_addr);

@@ -104,10 +104,10 @@ pub struct ReportSummary {
 /// One sample after symbolization: its frames, leaf first, and the row key of each.
 struct ResolvedSample {
     period: u64,
-    comm: String,
+    comm: std::rc::Rc<str>,
     pid: i32,
     cpu: u32,
-    locations: Vec<Location>,
+    locations: Vec<std::rc::Rc<Location>>,
 }
 
 /// A row key: the values of the sort keys, in order.
@@ -184,17 +184,25 @@ fn resolve_samples(
     resolver: &mut Resolver,
     vcpu: Option<u32>,
 ) -> Vec<ResolvedSample> {
+    let mut comms: std::collections::HashMap<i32, std::rc::Rc<str>> =
+        std::collections::HashMap::new();
     profile
         .samples
         .iter()
         .filter(|s| vcpu.is_none_or(|v| s.cpu == v))
         .map(|sample| ResolvedSample {
             period: sample.period,
-            comm: profile
-                .comms
-                .get(&sample.pid)
-                .cloned()
-                .unwrap_or_else(|| format!(":{}", sample.pid)),
+            comm: comms
+                .entry(sample.pid)
+                .or_insert_with(|| {
+                    profile
+                        .comms
+                        .get(&sample.pid)
+                        .cloned()
+                        .unwrap_or_else(|| format!(":{}", sample.pid))
+                        .into()
+                })
+                .clone(),
             pid: sample.pid,
             cpu: sample.cpu,
             locations: sample
@@ -209,7 +217,7 @@ fn resolve_samples(
 fn row_key(sample: &ResolvedSample, location: &Location, keys: &[SortKey]) -> RowKey {
     keys.iter()
         .map(|key| match key {
-            SortKey::Comm => sample.comm.clone(),
+            SortKey::Comm => sample.comm.to_string(),
             SortKey::Pid => sample.pid.to_string(),
             SortKey::Dso => location.dso.clone(),
             SortKey::Sym => format!("{} {}", location.mode.mark(), location.symbol),
@@ -220,21 +228,62 @@ fn row_key(sample: &ResolvedSample, location: &Location, keys: &[SortKey]) -> Ro
 
 /// Self and children periods per row key.
 fn aggregate(samples: &[ResolvedSample], keys: &[SortKey]) -> HashMap<RowKey, (u64, u64)> {
-    let mut rows: HashMap<RowKey, (u64, u64)> = HashMap::new();
+    let mut rows = RowInterner::default();
+    let mut seen: Vec<usize> = Vec::new();
     for sample in samples {
         let Some(leaf) = sample.locations.first() else {
             continue;
         };
-        rows.entry(row_key(sample, leaf, keys)).or_default().0 += sample.period;
+        let leaf_row = rows.id(sample, leaf, keys);
+        rows.totals[leaf_row].1 .0 += sample.period;
         // Children: every distinct key on the stack counts once, however often recursion repeats it.
-        let mut seen: Vec<RowKey> = Vec::new();
+        seen.clear();
         for location in &sample.locations {
-            let key = row_key(sample, location, keys);
-            if !seen.contains(&key) {
-                rows.entry(key.clone()).or_default().1 += sample.period;
-                seen.push(key);
+            let row = rows.id(sample, location, keys);
+            if !seen.contains(&row) {
+                rows.totals[row].1 .1 += sample.period;
+                seen.push(row);
             }
         }
     }
-    rows
+    rows.totals.into_iter().collect()
+}
+
+/// Row keys built once per distinct (place, process, vCPU), not once per sample frame: a million samples of a few
+/// thousand places allocate a few thousand keys.
+#[derive(Default)]
+struct RowInterner {
+    by_place: HashMap<(*const Location, *const u8, i32, u32), usize>,
+    by_key: HashMap<RowKey, usize>,
+    totals: Vec<(RowKey, (u64, u64))>,
+}
+
+impl RowInterner {
+    fn id(
+        &mut self,
+        sample: &ResolvedSample,
+        location: &std::rc::Rc<Location>,
+        keys: &[SortKey],
+    ) -> usize {
+        let place = (
+            std::rc::Rc::as_ptr(location),
+            sample.comm.as_ptr(),
+            sample.pid,
+            sample.cpu,
+        );
+        if let Some(&id) = self.by_place.get(&place) {
+            return id;
+        }
+        let key = row_key(sample, location, keys);
+        let id = match self.by_key.get(&key) {
+            Some(&id) => id,
+            None => {
+                self.totals.push((key.clone(), (0, 0)));
+                self.by_key.insert(key, self.totals.len() - 1);
+                self.totals.len() - 1
+            }
+        };
+        self.by_place.insert(place, id);
+        id
+    }
 }

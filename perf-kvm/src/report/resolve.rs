@@ -28,12 +28,14 @@ pub struct Location {
     pub mode: Mode,
 }
 
+/// Report rows name functions the way perf report does: from symbol tables, not DWARF (no inline frames).
 pub struct Resolver {
     guest_kernel: Option<Symbolizer>,
     guest_user: Option<(Symbolizer, String)>,
     /// Mapped files symbolized on demand, keyed by (path, bias); None if the file cannot be read.
     mapped: HashMap<(String, u64), Option<Symbolizer>>,
-    cache: HashMap<(Mode, i32, u64), Location>,
+    /// Shared, so a million samples of the same few thousand places copy no strings.
+    cache: HashMap<(Mode, i32, u64), std::rc::Rc<Location>>,
     pub warnings: Vec<String>,
 }
 
@@ -42,6 +44,7 @@ impl Resolver {
         let mut warnings = Vec::new();
         let guest_kernel = if sources.guest_vmlinux.is_some() || sources.guest_kallsyms.is_some() {
             let mut kernel = Symbolizer::new();
+            kernel.set_symbols_only(true);
             if let Some(modules) = &sources.guest_modules {
                 kernel
                     .add_modules(modules)
@@ -65,6 +68,7 @@ impl Resolver {
         let guest_user = match &sources.guest_user_elf {
             Some(elf) => {
                 let mut user = Symbolizer::new();
+                user.set_symbols_only(true);
                 user.add_elf(elf, 0)
                     .map_err(|source| symbols_error(elf, source))?;
                 warnings.extend(user.warnings());
@@ -81,13 +85,13 @@ impl Resolver {
         })
     }
 
-    pub fn resolve(&mut self, profile: &Profile, pid: i32, frame: Frame) -> Location {
+    pub fn resolve(&mut self, profile: &Profile, pid: i32, frame: Frame) -> std::rc::Rc<Location> {
         // Kernel addresses do not depend on the process.
         let pid_key = if frame.mode.is_kernel() { 0 } else { pid };
         if let Some(found) = self.cache.get(&(frame.mode, pid_key, frame.addr)) {
             return found.clone();
         }
-        let found = self.resolve_uncached(profile, pid, frame);
+        let found = std::rc::Rc::new(self.resolve_uncached(profile, pid, frame));
         self.cache
             .insert((frame.mode, pid_key, frame.addr), found.clone());
         found
@@ -168,6 +172,7 @@ impl Resolver {
             .entry((mapping.path.clone(), bias))
             .or_insert_with(|| {
                 let mut s = Symbolizer::new();
+                s.set_symbols_only(true);
                 s.add_elf(Path::new(&mapping.path), bias).ok().map(|()| s)
             })
             .as_ref();
