@@ -17,9 +17,12 @@ pub struct SymbolizeArgs {
     /// A copy of the guest's /proc/modules: module load regions.
     #[arg(long, value_name = "PATH")]
     guest_modules: Option<PathBuf>,
-    /// KASLR offset added to vmlinux addresses (default: from --guest-kallsyms, else 0).
+    /// KASLR offset added to vmlinux addresses (default: from --guest-kallsyms, else from --vm, else 0).
     #[arg(long, value_name = "HEX", value_parser = parse_hex)]
     kaslr_offset: Option<u64>,
+    /// A running VM's control socket: the KASLR offset comes from its MSR_LSTAR against `entry_SYSCALL_64`.
+    #[arg(long, value_name = "SOCKET")]
+    vm: Option<PathBuf>,
     /// The guest kernel's build-id (hex); a vmlinux with another one is reported loudly.
     #[arg(long, value_name = "HEX")]
     guest_build_id: Option<String>,
@@ -96,7 +99,10 @@ fn build_symbolizer(args: &SymbolizeArgs) -> anyhow::Result<Symbolizer> {
             (Some(offset), _) => offset,
             (None, Some(kallsyms)) => symbols::kaslr_offset_from_kallsyms(vmlinux, kallsyms)
                 .with_context(|| format!("KASLR offset from {}", kallsyms.display()))?,
-            (None, None) => 0,
+            (None, None) => match &args.vm {
+                Some(socket) => kaslr_offset_from_running_guest(socket, vmlinux)?,
+                None => 0,
+            },
         };
         symbolizer.add_elf(vmlinux, offset)?;
         let guest_build_id = match (&args.guest_build_id, &args.guest_notes) {
@@ -144,4 +150,22 @@ fn write_results(
         out.write_all(format_addr2line(&result, Addr2lineStyle::AFIP).as_bytes())?;
     }
     Ok(())
+}
+
+/// MSR_LSTAR of vCPU 0 (the guest kernel's syscall entry) against the vmlinux's `entry_SYSCALL_64`.
+fn kaslr_offset_from_running_guest(
+    socket: &std::path::Path,
+    vmlinux: &std::path::Path,
+) -> anyhow::Result<u64> {
+    const MSR_LSTAR: u32 = 0xc000_0082;
+    let mut client = vmm::control::ControlClient::connect(socket)?;
+    let reply = client.call(vmm::control::Request::Msr {
+        vcpu: 0,
+        index: MSR_LSTAR,
+    })?;
+    let lstar = reply["value"].as_u64().filter(|&v| v != 0).ok_or_else(|| {
+        anyhow::anyhow!("the guest has not set MSR_LSTAR yet (no syscall entry installed)")
+    })?;
+    symbols::kaslr_offset_from_lstar(lstar, vmlinux)
+        .with_context(|| format!("KASLR offset from the guest's MSR_LSTAR {lstar:#x}"))
 }

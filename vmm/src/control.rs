@@ -58,6 +58,11 @@ pub enum Request {
         #[serde(default)]
         reset: bool,
     },
+    /// One MSR of one vCPU.
+    Msr {
+        vcpu: usize,
+        index: u32,
+    },
     /// Start sampling: the reply is followed by a stream of `{"sample":…}` lines, a `{"loss":…}` line every
     /// 100 ms, and `{"end":"…"}` when the VM ends. Closing the connection stops sampling.
     Sample {
@@ -251,6 +256,10 @@ pub fn handle_line(line: &str, vm: &VmControl) -> Value {
         Request::Sample { .. } => {
             return error_reply("sample streams only on their own connection")
         }
+        Request::Msr { vcpu, .. } if vcpu >= vm.vcpu_count() => {
+            return error_reply(&format!("no vCPU {vcpu} (the VM has {})", vm.vcpu_count()))
+        }
+        Request::Msr { vcpu, index } => vm.read_msr(vcpu, index).map(|v| json!({ "value": v })),
         Request::ExitStats { reset } => {
             // Taking reads and zeroes under one lock, so no exit falls between the two.
             let stats = if reset {

@@ -58,6 +58,11 @@ pub enum VcpuRequest {
         with_fpu: bool,
         reply: Reply<GuestRegisters>,
     },
+    /// One MSR (None: KVM does not know it).
+    ReadMsr {
+        index: u32,
+        reply: Reply<Option<u64>>,
+    },
     SetRegisters(Box<GuestRegisters>, Reply<()>),
     SetGuestDebug(Box<kvm_guest_debug>, Reply<()>),
     /// gdb resumes this vCPU (continue or step), with the breakpoint configuration to run with.
@@ -184,6 +189,9 @@ impl Vcpu {
             }
             VcpuRequest::GetRegisters { with_fpu, reply } => {
                 let _ = reply.send(self.registers(with_fpu));
+            }
+            VcpuRequest::ReadMsr { index, reply } => {
+                let _ = reply.send(Ok(self.read_msr(index)));
             }
             VcpuRequest::SetRegisters(regs, reply) => {
                 let _ = reply.send(self.set_registers(&regs));

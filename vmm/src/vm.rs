@@ -240,6 +240,12 @@ impl VmControl {
         }
     }
 
+    /// One MSR of one vCPU (e.g. MSR_LSTAR for the guest kernel's KASLR offset); None when KVM does not know it.
+    pub fn read_msr(&self, vcpu: usize, index: u32) -> Result<Option<u64>, VcpuError> {
+        self.handle(vcpu)?
+            .call(|reply| VcpuRequest::ReadMsr { index, reply })
+    }
+
     /// Exit statistics of every vCPU, in vCPU order.
     pub fn exit_stats(&self) -> Vec<crate::exit_stats::VcpuExitStats> {
         self.inner
