@@ -5,7 +5,6 @@ use kvm_bindings::CpuId;
 use crate::probe::{Emulation, HostCaps};
 
 const LEAF1_ECX_FMA: u32 = 1 << 12;
-const LEAF1_ECX_CX16: u32 = 1 << 13;
 const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_AVX: u32 = 1 << 28;
@@ -31,7 +30,6 @@ const LEAF7_EDX_XSAVE_STATE: u32 =
 /// What to change in the supported CPUID for one guest.
 #[derive(Debug, Clone)]
 pub struct CpuidPolicy {
-    pub hide_cx16: bool,
     pub hide_xsave: bool,
     pub hide_pmu: bool,
     /// CPUID-gated features whose instructions the host cannot run at CPL0.
@@ -42,7 +40,6 @@ impl CpuidPolicy {
     /// Hides exactly what the probe saw fail, and the PMU when the host has none or the user said `--no-pmu`.
     pub fn from_caps(caps: &HostCaps, no_pmu: bool) -> Self {
         CpuidPolicy {
-            hide_cx16: caps.cmpxchg16b == Emulation::Fails,
             hide_xsave: caps.xsave == Emulation::Fails,
             hide_pmu: no_pmu || !caps.pmu,
             hide_gated: caps.unrunnable.clone(),
@@ -58,9 +55,6 @@ pub fn for_vcpu(supported: &CpuId, policy: &CpuidPolicy, apic_id: u32, num_cpus:
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((num_cpus.min(255)) << 16);
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
-                if policy.hide_cx16 {
-                    e.ecx &= !LEAF1_ECX_CX16;
-                }
                 if policy.hide_xsave {
                     e.ecx &= !(LEAF1_ECX_XSAVE
                         | LEAF1_ECX_OSXSAVE
@@ -102,6 +96,8 @@ mod tests {
     use super::*;
     use kvm_bindings::kvm_cpuid_entry2;
 
+    const CX16: u32 = 1 << 13;
+
     fn entry(function: u32, index: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
             function,
@@ -117,29 +113,31 @@ mod tests {
     #[test]
     fn hides_only_what_the_policy_says() {
         let supported = CpuId::from_entries(&[
-            entry(
-                1,
-                0,
-                0,
-                LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_AVX | 1,
-                0,
-            ),
+            entry(1, 0, 0, CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_AVX | 1, 0),
             entry(7, 0, 1 << 5 | 1, 0, 0),
             entry(0xa, 0, 7, 7, 7),
             entry(0xb, 1, 0, 0, 0),
         ])
         .unwrap();
         let hide = CpuidPolicy {
-            hide_cx16: true,
             hide_xsave: true,
             hide_pmu: true,
-            hide_gated: vec![crate::probe::GatedFeature {
-                name: "fsgsbase",
-                leaf: 7,
-                in_ebx: true,
-                bit: 0,
-                cpuid_leaks: false,
-            }],
+            hide_gated: vec![
+                crate::probe::GatedFeature {
+                    name: "cx16",
+                    leaf: 1,
+                    in_ebx: false,
+                    bit: 13,
+                    cpuid_leaks: false,
+                },
+                crate::probe::GatedFeature {
+                    name: "fsgsbase",
+                    leaf: 7,
+                    in_ebx: true,
+                    bit: 0,
+                    cpuid_leaks: false,
+                },
+            ],
         };
         let c = for_vcpu(&supported, &hide, 3, 4);
         let s = c.as_slice();
@@ -152,15 +150,14 @@ mod tests {
         assert_eq!((s[2].eax, s[2].ebx), (0, 0));
         assert_eq!(s[3].edx, 3);
         let keep = CpuidPolicy {
-            hide_cx16: false,
             hide_xsave: false,
             hide_pmu: false,
             hide_gated: Vec::new(),
         };
         let c = for_vcpu(&supported, &keep, 0, 1);
         assert_eq!(
-            c.as_slice()[0].ecx & (LEAF1_ECX_CX16 | LEAF1_ECX_AVX),
-            LEAF1_ECX_CX16 | LEAF1_ECX_AVX
+            c.as_slice()[0].ecx & (CX16 | LEAF1_ECX_AVX),
+            CX16 | LEAF1_ECX_AVX
         );
         assert_eq!(c.as_slice()[2].eax, 1);
     }

@@ -154,10 +154,6 @@ impl ExitTable {
         by_key.sort_by_key(|(k, _)| *k);
         VcpuExitStats { by_key }
     }
-
-    pub fn reset(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
 }
 
 pub type SharedExitTable = Arc<ExitTable>;

@@ -59,13 +59,10 @@ pub struct HostCaps {
     /// The host's KVM offers a virtual PMU (`KVM_CAP_PMU_CAPABILITY` and CPUID leaf 0xA version > 0).
     pub pmu: bool,
     pub max_vcpus: usize,
-    pub cmpxchg16b: Emulation,
     pub xsave: Emulation,
     /// The guest sees CPUID.1:ECX.XSAVE even when the VMM's CPUID table clears it (PVM answers CPUID itself), so
     /// hiding XSAVE needs the guest's cooperation (`noxsave` on a Linux command line).
     pub xsave_cpuid_leaks: bool,
-    /// Likewise for CPUID.1:ECX.CX16 (`clearcpuid=cx16` on a Linux command line).
-    pub cx16_cpuid_leaks: bool,
     /// CPUID-gated instructions Linux patches in through alternatives (SMAP's `clac`, POPCNT, …) that this host
     /// cannot run at CPL0; they are hidden from guests.
     pub unrunnable: Vec<GatedFeature>,
@@ -90,9 +87,6 @@ impl HostCaps {
                 .filter(|f| f.cpuid_leaks)
                 .map(|f| f.name),
         );
-        if self.cmpxchg16b == Emulation::Fails && self.cx16_cpuid_leaks {
-            clear.push("cx16");
-        }
         if !clear.is_empty() {
             v.push(format!("clearcpuid={}", clear.join(",")));
         }
@@ -144,10 +138,8 @@ impl HostCaps {
             binary_stats_fd: cap(KVM_CAP_BINARY_STATS_FD) > 0,
             pmu: cap(KVM_CAP_PMU_CAPABILITY) > 0 && pmu_version > 0,
             max_vcpus: kvm.get_max_vcpus(),
-            cmpxchg16b: snippets.cmpxchg16b,
             xsave: snippets.xsave,
             xsave_cpuid_leaks: snippets.xsave_cpuid_leaks,
-            cx16_cpuid_leaks: snippets.cx16_cpuid_leaks,
             unrunnable: snippets.unrunnable,
             int3: snippets.int3,
             data_breakpoints: snippets.data_breakpoints,
@@ -189,16 +181,6 @@ impl fmt::Display for HostCaps {
         writeln!(f, "max vCPUs              {}", self.max_vcpus)?;
         writeln!(
             f,
-            "CPL0 lock cmpxchg16b   {:?}{}",
-            self.cmpxchg16b,
-            if self.cmpxchg16b == Emulation::Fails {
-                " (CX16 hidden from guests)"
-            } else {
-                ""
-            }
-        )?;
-        writeln!(
-            f,
             "CPL0 xsave/xrstor      {:?}{}",
             self.xsave,
             if self.xsave == Emulation::Fails {
@@ -231,15 +213,6 @@ impl fmt::Display for HostCaps {
         }
         writeln!(
             f,
-            "CPUID hides CX16       {}",
-            if self.cx16_cpuid_leaks {
-                "no: the host shows it anyway (Linux guests get `clearcpuid=cx16`)"
-            } else {
-                "yes"
-            }
-        )?;
-        writeln!(
-            f,
             "data breakpoints       {}",
             if self.data_breakpoints {
                 "yes (gdb watchpoints use DR0-3 where they fit)"
@@ -261,7 +234,6 @@ impl fmt::Display for HostCaps {
 
 const SNIPPET_CODE: u64 = 0x10000;
 const SNIPPET_DATA: u64 = 0x20000;
-const CPUID_CX16: u32 = 1 << 13;
 
 /// A CPUID feature bit, and whether the host shows it to guests even when the VMM's table clears it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,7 +257,16 @@ struct Gated {
     cr4: u64,
 }
 
-const GATED: [Gated; 6] = [
+const GATED: [Gated; 7] = [
+    // lock cmpxchg16b [rdi]: Linux's this_cpu_cmpxchg_double and the slab allocator.
+    Gated {
+        name: "cx16",
+        leaf: 1,
+        in_ebx: false,
+        bit: 13,
+        code: &[0xf0, 0x48, 0x0f, 0xc7, 0x0f, 0xf4],
+        cr4: 0,
+    },
     // clac: every Linux exception entry starts with it when SMAP is on.
     Gated {
         name: "smap",
@@ -360,10 +341,8 @@ fn set_gated_bit(cpuid: &mut CpuId, leaf: u32, in_ebx: bool, bit: u32, on: bool)
 const CPUID_XSAVE: u32 = 1 << 26;
 
 struct SnippetResults {
-    cmpxchg16b: Emulation,
     xsave: Emulation,
     xsave_cpuid_leaks: bool,
-    cx16_cpuid_leaks: bool,
     unrunnable: Vec<GatedFeature>,
     int3: Int3Delivery,
     data_breakpoints: bool,
@@ -379,10 +358,8 @@ fn run_snippets(
     leaf7_ebx: u32,
 ) -> SnippetResults {
     let mut r = SnippetResults {
-        cmpxchg16b: Emulation::Runs,
         xsave: Emulation::Runs,
         xsave_cpuid_leaks: false,
-        cx16_cpuid_leaks: false,
         unrunnable: Vec::new(),
         int3: Int3Delivery::Unknown,
         data_breakpoints: false,
@@ -396,18 +373,6 @@ fn run_snippets(
             e.ecx = (e.ecx | set) & !clear;
         }
         c
-    };
-    r.cmpxchg16b = if leaf1_ecx & CPUID_CX16 == 0 {
-        Emulation::NotOffered
-    } else {
-        // lock cmpxchg16b [rdi]; hlt
-        emulation(run_one(
-            &vm,
-            &mem,
-            0,
-            &[0xf0, 0x48, 0x0f, 0xc7, 0x0f, 0xf4],
-            Snippet::default(),
-        ))
     };
     r.xsave = if leaf1_ecx & CPUID_XSAVE == 0 && !has_xsave_state {
         Emulation::NotOffered
@@ -430,12 +395,12 @@ fn run_snippets(
         ))
     };
     // mov eax, 1; xor ecx, ecx; cpuid; mov [rdi], ecx; mov eax, 7; xor ecx, ecx; cpuid; mov [rdi+4], ebx; hlt —
-    // with XSAVE, CX16 and every gated feature cleared in the table.
+    // with XSAVE and every gated feature cleared in the table.
     let code = [
         0xb8, 1, 0, 0, 0, 0x31, 0xc9, 0x0f, 0xa2, 0x89, 0x0f, 0xb8, 7, 0, 0, 0, 0x31, 0xc9, 0x0f,
         0xa2, 0x89, 0x5f, 0x04, 0xf4,
     ];
-    let mut cpuid = with_leaf1_ecx(0, CPUID_XSAVE | CPUID_CX16);
+    let mut cpuid = with_leaf1_ecx(0, CPUID_XSAVE);
     for g in &GATED {
         set_gated_bit(&mut cpuid, g.leaf, g.in_ebx, g.bit, false);
     }
@@ -455,7 +420,6 @@ fn run_snippets(
             .read_obj(GuestAddress(SNIPPET_DATA + 2 * 0x1000))
             .unwrap_or(0);
         r.xsave_cpuid_leaks = seen & CPUID_XSAVE != 0;
-        r.cx16_cpuid_leaks = seen & CPUID_CX16 != 0;
         seen1 = seen;
         seen7 = mem
             .read_obj(GuestAddress(SNIPPET_DATA + 2 * 0x1000 + 4))

@@ -252,7 +252,7 @@ impl PerfDataWriter {
 
     /// Records samples lost since the previous call (`delta`, all causes together: perf has one count).
     pub fn write_lost(&mut self, delta: &SampleLoss, time_ns: u64) -> Result<(), PerfDataError> {
-        let lost = loss_sum(delta);
+        let lost = delta.lost();
         if lost == 0 {
             return Ok(());
         }
@@ -376,10 +376,6 @@ impl PerfDataWriter {
                 source,
             })
     }
-}
-
-fn loss_sum(loss: &SampleLoss) -> u64 {
-    loss.lost()
 }
 
 struct HostUname {
