@@ -14,6 +14,7 @@ pub mod paging;
 pub mod probe;
 pub mod regs;
 pub mod sample;
+pub mod sample_queue;
 pub mod sampler;
 pub mod vcpu;
 pub mod vm;

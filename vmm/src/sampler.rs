@@ -3,7 +3,6 @@
 //! bounded queue. The vCPU never waits on the consumer: a full queue is counted as loss.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::kick::Kicker;
 use crate::paging::{read_virt_u64, PagingContext};
+use crate::sample_queue::{PushOutcome, SampleQueue, SampleReceiver};
 use crate::{Sample, SampleLoss};
 
 /// Deepest callchain recorded (perf's default max stack is 127).
@@ -48,7 +48,7 @@ impl LossCounters {
 
 /// What a vCPU thread needs to take samples.
 pub struct SampleSink {
-    pub tx: SyncSender<Sample>,
+    pub queue: Arc<SampleQueue>,
     pub loss: Arc<LossCounters>,
     pub callchains: bool,
     pub epoch: Instant,
@@ -59,14 +59,21 @@ pub struct SampleSink {
 
 impl SampleSink {
     pub fn push(&self, sample: Sample) {
-        match self.tx.try_send(sample) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+        match self.queue.push(sample) {
+            PushOutcome::Queued => {}
+            PushOutcome::Full => {
                 self.loss.queue_full.fetch_add(1, Ordering::Relaxed);
             }
             // The consumer is gone (recording stopped): nothing to count against.
-            Err(TrySendError::Disconnected(_)) => {}
+            PushOutcome::Closed => {}
         }
+    }
+}
+
+impl Drop for SampleSink {
+    /// The last vCPU thread let go of the session: the consumer reads what is queued, then sees the end.
+    fn drop(&mut self) {
+        self.queue.close_producers();
     }
 }
 
@@ -156,17 +163,26 @@ pub fn walk_frame_pointers(
     chain
 }
 
+/// How often the timer wakes the consumer to drain the queue (the consumer is never woken per sample).
+const CONSUMER_NUDGE: Duration = Duration::from_millis(20);
+
 /// Runs the timer: every period, raises each vCPU's sample request and kicks it. Returns when `stop` is set.
 /// A vCPU whose previous request is still pending (it is paused or stuck in a long exit) counts as not running.
 pub fn run_timer(
     frequency_hz: u32,
     vcpus: Vec<(Arc<SampleRequest>, Kicker)>,
     loss: Arc<LossCounters>,
+    queue: Arc<SampleQueue>,
     stop: Arc<AtomicBool>,
 ) {
     let period = Duration::from_nanos(1_000_000_000 / frequency_hz.max(1) as u64);
     let mut next = Instant::now() + period;
+    let mut last_nudge = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if last_nudge.elapsed() >= CONSUMER_NUDGE {
+            queue.nudge();
+            last_nudge = Instant::now();
+        }
         let now = Instant::now();
         if next > now {
             std::thread::sleep(next - now);
@@ -191,7 +207,7 @@ pub fn run_timer(
 
 /// The consumer's side of a sampling session. Dropping it (or `VmControl::stop_sampling`) ends the session.
 pub struct SampleStream {
-    pub rx: Receiver<Sample>,
+    pub rx: SampleReceiver,
     pub loss: Arc<LossCounters>,
 }
 
@@ -247,10 +263,10 @@ impl SamplingSession {
                 max: MAX_FREQUENCY_HZ,
             });
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity.max(1));
+        let (queue, rx) = SampleQueue::new(cfg.queue_capacity);
         let loss = Arc::new(LossCounters::default());
         let sink = Arc::new(SampleSink {
-            tx,
+            queue: queue.clone(),
             loss: loss.clone(),
             callchains: cfg.callchains,
             epoch,
@@ -268,7 +284,7 @@ impl SamplingSession {
         let (l, s) = (loss.clone(), stop.clone());
         let timer = std::thread::Builder::new()
             .name("sampler".into())
-            .spawn(move || run_timer(cfg.frequency_hz, vcpus, l, s))
+            .spawn(move || run_timer(cfg.frequency_hz, vcpus, l, queue, s))
             .map_err(|e| {
                 slot.set(None);
                 SamplerError::Thread(e)
