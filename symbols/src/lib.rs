@@ -29,6 +29,7 @@ mod elf;
 mod format;
 mod kallsyms;
 mod kaslr;
+mod reloc;
 mod symtab;
 
 use std::collections::HashMap;
@@ -156,8 +157,8 @@ impl Symbolizer {
     }
 
     /// A kernel module (`.ko`) placed where the guest loaded each of its sections, by section name: see
-    /// [`read_module_sections`] for a copy of the guest's `/sys/module/NAME/sections/`. Symbol tables only: a
-    /// module's DWARF needs relocations applied, which is not done.
+    /// [`read_module_sections`] for a copy of the guest's `/sys/module/NAME/sections/`. Its DWARF (lines, inline
+    /// frames) is relocated to those addresses on first use; sections not in the map are not loaded.
     pub fn add_module_elf(
         &mut self,
         path: &Path,
