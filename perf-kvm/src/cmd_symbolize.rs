@@ -150,13 +150,18 @@ fn module_layout(
     args: &SymbolizeArgs,
     ko: &std::path::Path,
 ) -> anyhow::Result<std::collections::HashMap<String, u64>> {
-    // The kernel names modules after their file, with '-' turned into '_'.
-    let file_name = ko.file_name().unwrap_or_default().to_string_lossy();
-    let name = file_name
-        .split('.')
-        .next()
-        .unwrap_or_default()
-        .replace('-', "_");
+    // Without a `name=` in .modinfo, the kernel names a module after its file, '-' turned into '_'.
+    let name = match symbols::module_name(ko)? {
+        Some(name) => name,
+        None => {
+            let file_name = ko.file_name().unwrap_or_default().to_string_lossy();
+            file_name
+                .split('.')
+                .next()
+                .unwrap_or_default()
+                .replace('-', "_")
+        }
+    };
     if let Some(sysmodule) = &args.guest_sysmodule {
         let sections = sysmodule.join(&name).join("sections");
         if sections.is_dir() {

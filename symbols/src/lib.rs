@@ -434,6 +434,29 @@ pub fn read_module_sections(dir: &Path) -> Result<HashMap<String, u64>, SymbolsE
     Ok(sections)
 }
 
+/// A kernel module's name from its `.modinfo` (`name=...`, which modpost writes), or `None` when the file has none
+/// (then the kernel's rule applies: the file name up to its first '.', '-' turned into '_').
+pub fn module_name(ko: &Path) -> Result<Option<String>, SymbolsError> {
+    use object::{Object, ObjectSection};
+    let bytes = std::fs::read(ko).map_err(|source| SymbolsError::Read {
+        path: ko.to_owned(),
+        source,
+    })?;
+    let file = object::File::parse(&*bytes).map_err(|e| SymbolsError::Elf {
+        path: ko.to_owned(),
+        source: ElfError::Parse(e),
+    })?;
+    let Some(modinfo) = file.section_by_name(".modinfo") else {
+        return Ok(None);
+    };
+    let data = modinfo.data().unwrap_or_default();
+    Ok(data
+        .split(|&b| b == 0)
+        .filter_map(|entry| entry.strip_prefix(b"name="))
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .next())
+}
+
 /// The GNU build-id of an ELF file, if it has one.
 pub fn build_id(elf: &Path) -> Result<Option<Vec<u8>>, SymbolsError> {
     Ok(kaslr::build_id(elf)?)
