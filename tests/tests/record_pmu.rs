@@ -144,3 +144,81 @@ fn cpu_clock_names_the_default_sampler() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(err.contains("unknown event 'instructions'"), "{err}");
 }
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `-e cycles --vm SOCKET` attaches to the vCPU threads the control socket names: those ids must be the VMM's
+/// vCPU threads (named vcpuN, in order), and the recording must then work or refuse as in-process.
+#[test]
+fn cycles_attaches_to_the_vcpu_threads_a_control_socket_names() {
+    let dir = scratch("pmu-vm");
+    let sock = dir.join("vm.sock");
+    let vmm = KillOnDrop(
+        Command::new(bin("vmm"))
+            .args(["run", "--kernel"])
+            .arg(guest_elf())
+            .args([
+                "--cpus",
+                "2",
+                "--cmdline",
+                "work=user_hot_a:100 secs=8",
+                "--control",
+            ])
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut client = loop {
+        match vmm::control::ControlClient::connect(&sock) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no control socket: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let info = client.call(vmm::control::Request::Info).unwrap();
+    let pid = vmm.0.id();
+    let tids: Vec<u64> = info["info"]["vcpu_tids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no vcpu_tids in {info}"))
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(tids.len(), 2, "{info}");
+    for (i, tid) in tids.iter().enumerate() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+        assert_eq!(comm.trim(), format!("vcpu{i}"));
+    }
+    let data = dir.join("vm-cycles.data");
+    let (out, timed_out) = run_with_deadline(
+        Command::new(bin("perf-kvm"))
+            .args(["record", "-e", "cycles", "--duration", "1", "--vm"])
+            .arg(&sock)
+            .arg("-o")
+            .arg(&data),
+        Duration::from_secs(60),
+    );
+    assert!(!timed_out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match vmm::pmu::probe_guest_cycles() {
+        Ok(()) => assert!(out.status.success(), "{stderr}"),
+        Err(_) => {
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        }
+    }
+}
