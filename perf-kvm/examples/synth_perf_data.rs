@@ -77,6 +77,7 @@ fn main() -> anyhow::Result<()> {
                 0x600000 + (i % 2) * 0x1000
             },
             callchain: chain,
+            period: None,
         })?;
     }
     w.finish()?;

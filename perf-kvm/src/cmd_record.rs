@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use perf_kvm::perf_data::{GuestUserMap, PerfDataWriter, RecordMeta};
+use perf_kvm::perf_data::{GuestUserMap, PerfDataWriter, RecordMeta, SampledEvent};
 use vmm::sampler::SamplerConfig;
 use vmm::SampleLoss;
 
@@ -28,9 +28,10 @@ pub struct RecordArgs {
     /// Stop after this many seconds (default: when the guest ends, or on Ctrl-C).
     #[arg(long)]
     duration: Option<f64>,
-    /// Hardware event to sample (needs a host PMU); the default sampler needs none.
-    #[arg(short = 'e', long = "event")]
-    event: Option<String>,
+    /// Event to sample: `cpu-clock` (the default: the PMU-free sampler) or `cycles` (guest-only cycles from the
+    /// host PMU through perf_event_open on the vCPU threads, as `perf kvm record` does; no callchains).
+    #[arg(short = 'e', long = "event", default_value = "cpu-clock")]
+    event: String,
     /// Benchmarks only: kick the vCPUs at the rate but take no samples (the bare cost of the forced exits).
     #[arg(long, hide = true)]
     kick_only: bool,
@@ -50,15 +51,19 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             args.freq
         );
     }
-    if let Some(ev) = &args.event {
-        if ev != "cpu-clock" {
+    let event = parse_event(&args.event)?;
+    if event == SampledEvent::Cycles {
+        if args.callchains {
             anyhow::bail!(
-                "event '{ev}' needs a hardware PMU, and this host's KVM offers none to sample guests with \
-                 (see `vmm probe`); run without -e to use the PMU-free sampler"
+                "-g: the PMU reports no guest callchains; record callchains with the default sampler (no -e)"
             );
         }
+        // Decided by trying: the one-line reason (no PMU, not allowed) is the error itself.
+        vmm::pmu::probe_guest_cycles()?;
     }
     vm_source::install_interrupt_handlers();
+    let mut pmu = None;
+    let mut pmu_stats = None;
     let (vm, feed, meta) = match &args.vm {
         Some(socket) => {
             if !args.vmm_args.is_empty() {
@@ -68,8 +73,24 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             let info = client.call(vmm::control::Request::Info)?;
             let kernel = PathBuf::from(info["info"]["kernel"].as_str().unwrap_or_default());
             let vcpus = info["info"]["vcpus"].as_u64().unwrap_or(1) as u32;
-            let feed = SampleFeed::attach(socket, args.freq, args.callchains)?;
-            (None, feed, record_meta(&args, &kernel, vcpus))
+            let feed = if event == SampledEvent::Cycles {
+                let tids: Vec<u32> = info["info"]["vcpu_tids"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t.as_u64())
+                            .map(|t| t as u32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let (session, stream) = vmm::pmu::PmuSession::start(&tids, pmu_config(&args))?;
+                pmu_stats = Some(session.stats());
+                pmu = Some(session);
+                SampleFeed::InProcess(stream)
+            } else {
+                SampleFeed::attach(socket, args.freq, args.callchains)?
+            };
+            (None, feed, record_meta(&args, event, &kernel, vcpus))
         }
         None => {
             let sampler = SamplerConfig {
@@ -78,10 +99,27 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
                 queue_capacity: 1 << 16,
                 kick_only: args.kick_only,
             };
+            let sampler = (event == SampledEvent::CpuClock).then_some(sampler);
             let mut vm =
-                InProcessSource::start(&args.vmm_args, Some(sampler), Box::new(std::io::stdout()))?;
-            let stream = vm.take_stream().expect("sampling was configured");
-            let meta = record_meta(&args, vm.kernel(), vm.control().vcpu_count() as u32);
+                InProcessSource::start(&args.vmm_args, sampler, Box::new(std::io::stdout()))?;
+            let stream = match vm.take_stream() {
+                Some(stream) => stream,
+                None => {
+                    let tids = vm.control().info().vcpu_tids.clone();
+                    let (session, stream) =
+                        match vmm::pmu::PmuSession::start(&tids, pmu_config(&args)) {
+                            Ok(started) => started,
+                            Err(e) => {
+                                vm.finish();
+                                return Err(e.into());
+                            }
+                        };
+                    pmu_stats = Some(session.stats());
+                    pmu = Some(session);
+                    stream
+                }
+            };
+            let meta = record_meta(&args, event, vm.kernel(), vm.control().vcpu_count() as u32);
             (Some(vm), SampleFeed::InProcess(stream), meta)
         }
     };
@@ -134,6 +172,10 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     }
     if let Some(vm) = vm {
         let end = vm.finish();
+        // The PMU reader drains the rings into the feed once more before it closes it.
+        if let Some(session) = pmu.take() {
+            session.stop();
+        }
         // Samples already queued when the VM stopped still belong to the recording.
         while write_error.is_none() {
             let Feed::Sample(sample) = feed.next(Duration::ZERO) else {
@@ -147,6 +189,18 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         eprintln!();
         vm_source::report_end(&end);
     } else {
+        if let Some(session) = pmu.take() {
+            session.stop();
+            while write_error.is_none() {
+                let Feed::Sample(sample) = feed.next(Duration::ZERO) else {
+                    break;
+                };
+                match writer.write_sample(&sample) {
+                    Ok(()) => samples += 1,
+                    Err(e) => write_error = Some(e),
+                }
+            }
+        }
         eprintln!();
         if let Some(err) = feed.error() {
             eprintln!("perf-kvm: the control stream broke off: {err}");
@@ -173,10 +227,36 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         args.output.display(),
         loss.lost()
     );
+    if let Some(stats) = pmu_stats {
+        use std::sync::atomic::Ordering::Relaxed;
+        eprintln!(
+            "[ perf-kvm record: PMU: {} samples landed outside the guest (dropped), {} throttles, {} malformed records ]",
+            stats.host_mode.load(Relaxed),
+            stats.throttled.load(Relaxed),
+            stats.malformed.load(Relaxed)
+        );
+    }
     Ok(0)
 }
 
-fn record_meta(args: &RecordArgs, kernel: &Path, nr_vcpus: u32) -> RecordMeta {
+fn parse_event(name: &str) -> anyhow::Result<SampledEvent> {
+    match name {
+        "cpu-clock" => Ok(SampledEvent::CpuClock),
+        "cycles" | "cpu-cycles" | "cycles:G" => Ok(SampledEvent::Cycles),
+        other => anyhow::bail!(
+            "unknown event '{other}': perf-kvm record samples cpu-clock (default, no PMU needed) or cycles (host PMU)"
+        ),
+    }
+}
+
+fn pmu_config(args: &RecordArgs) -> vmm::pmu::PmuConfig {
+    vmm::pmu::PmuConfig {
+        frequency_hz: args.freq,
+        queue_capacity: 1 << 16,
+    }
+}
+
+fn record_meta(args: &RecordArgs, event: SampledEvent, kernel: &Path, nr_vcpus: u32) -> RecordMeta {
     let kernel = &std::fs::canonicalize(kernel).unwrap_or_else(|_| kernel.to_path_buf());
     let (kernel_range, user_maps) = elf_layout(kernel);
     RecordMeta {
@@ -188,6 +268,7 @@ fn record_meta(args: &RecordArgs, kernel: &Path, nr_vcpus: u32) -> RecordMeta {
         guest_kernel_range: kernel_range,
         guest_user_maps: user_maps,
         cmdline: std::env::args().collect(),
+        event,
         ..Default::default()
     }
 }

@@ -17,6 +17,13 @@ pub struct SymbolizeArgs {
     /// A copy of the guest's /proc/modules: module load regions.
     #[arg(long, value_name = "PATH")]
     guest_modules: Option<PathBuf>,
+    /// A guest kernel module's `.ko` (with DWARF: func, file:line, inline frames), placed where the guest loaded
+    /// it: by --guest-sysmodule, else its `.text` at its --guest-modules address. Repeatable.
+    #[arg(long = "guest-ko", value_name = "PATH")]
+    guest_ko: Vec<PathBuf>,
+    /// A copy of the guest's /sys/module: DIR/NAME/sections/ holds each section's load address.
+    #[arg(long, value_name = "DIR")]
+    guest_sysmodule: Option<PathBuf>,
     /// KASLR offset added to vmlinux addresses (default: from --guest-kallsyms, else from --vm, else 0).
     #[arg(long, value_name = "HEX", value_parser = parse_hex)]
     kaslr_offset: Option<u64>,
@@ -86,8 +93,10 @@ pub fn run(args: SymbolizeArgs) -> anyhow::Result<i32> {
 }
 
 fn build_symbolizer(args: &SymbolizeArgs) -> anyhow::Result<Symbolizer> {
-    if args.guest_vmlinux.is_none() && args.guest_kallsyms.is_none() {
-        bail!("nothing to symbolize with: give --guest-vmlinux and/or --guest-kallsyms");
+    if args.guest_vmlinux.is_none() && args.guest_kallsyms.is_none() && args.guest_ko.is_empty() {
+        bail!(
+            "nothing to symbolize with: give --guest-vmlinux, --guest-kallsyms and/or --guest-ko"
+        );
     }
     let mut symbolizer = Symbolizer::new();
     symbolizer.set_demangle(args.demangle);
@@ -128,7 +137,56 @@ fn build_symbolizer(args: &SymbolizeArgs) -> anyhow::Result<Symbolizer> {
     if let Some(kallsyms) = &args.guest_kallsyms {
         symbolizer.add_kallsyms(kallsyms)?;
     }
+    for ko in &args.guest_ko {
+        let layout = module_layout(args, ko)?;
+        symbolizer.add_module_elf(ko, &layout)?;
+    }
     Ok(symbolizer)
+}
+
+/// Where the guest loaded the module in `ko`: every section from `--guest-sysmodule`, or `.text` alone at the
+/// module's `--guest-modules` address (where Linux puts the first executable section of the module's core).
+fn module_layout(
+    args: &SymbolizeArgs,
+    ko: &std::path::Path,
+) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    // Without a `name=` in .modinfo, the kernel names a module after its file, '-' turned into '_'.
+    let name = match symbols::module_name(ko)? {
+        Some(name) => name,
+        None => {
+            let file_name = ko.file_name().unwrap_or_default().to_string_lossy();
+            file_name
+                .split('.')
+                .next()
+                .unwrap_or_default()
+                .replace('-', "_")
+        }
+    };
+    if let Some(sysmodule) = &args.guest_sysmodule {
+        let sections = sysmodule.join(&name).join("sections");
+        if sections.is_dir() {
+            return Ok(symbols::read_module_sections(&sections)?);
+        }
+    }
+    if let Some(modules) = &args.guest_modules {
+        let text = std::fs::read_to_string(modules)
+            .with_context(|| format!("reading {}", modules.display()))?;
+        if let Some(region) = symbols::parse_modules(&text)
+            .with_context(|| format!("parsing {}", modules.display()))?
+            .into_iter()
+            .find(|m| m.name == name)
+        {
+            return Ok(std::collections::HashMap::from([(
+                ".text".to_owned(),
+                region.start,
+            )]));
+        }
+    }
+    bail!(
+        "no load address for module {name} ({}): give --guest-sysmodule (a copy of the guest's /sys/module) \
+         or --guest-modules (its /proc/modules) that lists it",
+        ko.display()
+    )
 }
 
 fn parse_build_id(hex: &str) -> anyhow::Result<Vec<u8>> {

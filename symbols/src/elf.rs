@@ -2,8 +2,9 @@
 //!
 //! The file is memory-mapped and never copied: only the pages a lookup touches are read. DWARF is parsed on the first
 //! lookup that needs it, and addr2line's context caches parsed units and line tables across lookups. Relocations are
-//! never applied to DWARF: an executable's (ET_EXEC/ET_DYN) DWARF is already final, so the ~285 MB of
-//! `.rela.debug_*` in a distribution vmlinux are never read.
+//! never applied to an executable's (ET_EXEC/ET_DYN) DWARF, which is already final, so the ~285 MB of
+//! `.rela.debug_*` in a distribution vmlinux are never read; a relocatable object's (a `.ko`'s) DWARF is relocated
+//! to where its sections were loaded (see `reloc`).
 
 use std::borrow::Cow;
 use std::cell::{Cell, OnceCell, RefCell};
@@ -53,7 +54,8 @@ pub(crate) struct ElfObject {
     /// Sorted, non-overlapping link-time `[start, end)` ranges of allocated sections.
     ranges: Vec<(u64, u64)>,
     build_id: Option<Vec<u8>>,
-    relocatable: bool,
+    /// For a relocatable object: each section's load address, by section index (`None`: not loaded).
+    placement: Option<Vec<Option<u64>>>,
     pub name: String,
     pub bias: u64,
     /// `'static` is a lie confined to this module: the slice lives exactly as long as `_backing`.
@@ -141,7 +143,7 @@ impl ElfObject {
             symtab,
             ranges,
             build_id,
-            relocatable,
+            placement,
             name,
             bias,
             data,
@@ -261,11 +263,10 @@ impl ElfObject {
     }
 
     fn dwarf_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
-        if self.relocatable {
-            // Relocatable DWARF (a `.ko`) is meaningless without applying relocations; symbols only.
-            return Vec::new();
-        }
-        let Ok(dwarf) = self.dwarf.get_or_init(|| load_dwarf(self.data)) else {
+        let Ok(dwarf) = self
+            .dwarf
+            .get_or_init(|| load_dwarf(self.data, self.placement.as_deref()))
+        else {
             return Vec::new();
         };
         // Corrupt DWARF for this address: fall back to the symbol table rather than failing the batch, and say so.
@@ -334,7 +335,11 @@ pub(crate) fn display_name(name: &str, demangle: bool) -> String {
     }
 }
 
-fn load_dwarf(data: &'static [u8]) -> Result<DwarfContext, String> {
+/// `placement`: for a relocatable object, where its sections were loaded; its DWARF sections are relocated to it.
+fn load_dwarf(
+    data: &'static [u8],
+    placement: Option<&[Option<u64>]>,
+) -> Result<DwarfContext, String> {
     let obj = object::File::parse(data).map_err(|e| e.to_string())?;
     let endian = if obj.is_little_endian() {
         gimli::RunTimeEndian::Little
@@ -342,11 +347,22 @@ fn load_dwarf(data: &'static [u8]) -> Result<DwarfContext, String> {
         gimli::RunTimeEndian::Big
     };
     let mut decompressed: Vec<Box<[u8]>> = Vec::new();
+    let mut skipped = crate::reloc::Skipped::default();
     let mut load_section = |id: gimli::SectionId| -> Result<Slice, String> {
         let Some(section) = obj.section_by_name(id.name()) else {
             return Ok(gimli::EndianSlice::new(&[], endian));
         };
-        let bytes: &'static [u8] = match section.uncompressed_data() {
+        let relocated = match placement {
+            Some(placement) => {
+                crate::reloc::relocated_section(&obj, &section, placement, &mut skipped)?
+            }
+            None => None,
+        };
+        let contents = match relocated {
+            Some(bytes) => Ok(Cow::Owned(bytes)),
+            None => section.uncompressed_data(),
+        };
+        let bytes: &'static [u8] = match contents {
             Ok(Cow::Borrowed(bytes)) => bytes,
             Ok(Cow::Owned(bytes)) => {
                 let boxed = bytes.into_boxed_slice();
@@ -362,7 +378,17 @@ fn load_dwarf(data: &'static [u8]) -> Result<DwarfContext, String> {
         Ok(gimli::EndianSlice::new(bytes, endian))
     };
     let dwarf = gimli::Dwarf::load(&mut load_section)?;
-    let unit_problems = check_unit_headers(&dwarf);
+    let mut unit_problems = check_unit_headers(&dwarf);
+    if let Some(first) = &skipped.first {
+        let relocations = format!(
+            "{} DWARF relocation(s) not applied, their addresses may be wrong (first: {first})",
+            skipped.count
+        );
+        unit_problems = Some(match unit_problems {
+            Some(units) => format!("{units}; {relocations}"),
+            None => relocations,
+        });
+    }
     let context = addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"))?;
     Ok(DwarfContext {
         context,

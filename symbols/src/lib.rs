@@ -29,6 +29,7 @@ mod elf;
 mod format;
 mod kallsyms;
 mod kaslr;
+mod reloc;
 mod symtab;
 
 use std::collections::HashMap;
@@ -156,8 +157,8 @@ impl Symbolizer {
     }
 
     /// A kernel module (`.ko`) placed where the guest loaded each of its sections, by section name: see
-    /// [`read_module_sections`] for a copy of the guest's `/sys/module/NAME/sections/`. Symbol tables only: a
-    /// module's DWARF needs relocations applied, which is not done.
+    /// [`read_module_sections`] for a copy of the guest's `/sys/module/NAME/sections/`. Its DWARF (lines, inline
+    /// frames) is relocated to those addresses on first use; sections not in the map are not loaded.
     pub fn add_module_elf(
         &mut self,
         path: &Path,
@@ -431,6 +432,29 @@ pub fn read_module_sections(dir: &Path) -> Result<HashMap<String, u64>, SymbolsE
         });
     }
     Ok(sections)
+}
+
+/// A kernel module's name from its `.modinfo` (`name=...`, which modpost writes), or `None` when the file has none
+/// (then the kernel's rule applies: the file name up to its first '.', '-' turned into '_').
+pub fn module_name(ko: &Path) -> Result<Option<String>, SymbolsError> {
+    use object::{Object, ObjectSection};
+    let bytes = std::fs::read(ko).map_err(|source| SymbolsError::Read {
+        path: ko.to_owned(),
+        source,
+    })?;
+    let file = object::File::parse(&*bytes).map_err(|e| SymbolsError::Elf {
+        path: ko.to_owned(),
+        source: ElfError::Parse(e),
+    })?;
+    let Some(modinfo) = file.section_by_name(".modinfo") else {
+        return Ok(None);
+    };
+    let data = modinfo.data().unwrap_or_default();
+    Ok(data
+        .split(|&b| b == 0)
+        .filter_map(|entry| entry.strip_prefix(b"name="))
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .next())
 }
 
 /// The GNU build-id of an ELF file, if it has one.

@@ -92,6 +92,7 @@ impl GuestBinaries {
             }],
             cmdline: vec!["perf-kvm".to_owned(), "record".to_owned(), "-g".to_owned()],
             callchain_context,
+            ..Default::default()
         }
     }
 
@@ -135,6 +136,7 @@ impl GuestBinaries {
                     mode,
                     cr3,
                     callchain: vec![ret],
+                    period: None,
                 }
             })
             .collect()

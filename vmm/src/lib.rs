@@ -11,6 +11,7 @@ pub mod exit_stats;
 pub mod kick;
 pub mod kvm_stats;
 pub mod paging;
+pub mod pmu;
 pub mod probe;
 pub mod regs;
 pub mod sample;

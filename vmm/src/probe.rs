@@ -58,6 +58,9 @@ pub struct HostCaps {
     pub binary_stats_fd: bool,
     /// The host's KVM offers a virtual PMU (`KVM_CAP_PMU_CAPABILITY` and CPUID leaf 0xA version > 0).
     pub pmu: bool,
+    /// `vmm probe`'s line about the host PMU: whether a guest-only cycles event opens here
+    /// (`perf-kvm record -e cycles`), decided by trying it.
+    pub host_pmu: String,
     pub max_vcpus: usize,
     pub xsave: Emulation,
     /// The guest sees CPUID.1:ECX.XSAVE even when the VMM's CPUID table clears it (PVM answers CPUID itself), so
@@ -137,6 +140,7 @@ impl HostCaps {
             readonly_mem: cap(KVM_CAP_READONLY_MEM) > 0,
             binary_stats_fd: cap(KVM_CAP_BINARY_STATS_FD) > 0,
             pmu: cap(KVM_CAP_PMU_CAPABILITY) > 0 && pmu_version > 0,
+            host_pmu: crate::pmu::describe_probe(&crate::pmu::probe_guest_cycles()),
             max_vcpus: kvm.get_max_vcpus(),
             xsave: snippets.xsave,
             xsave_cpuid_leaks: snippets.xsave_cpuid_leaks,
@@ -178,6 +182,7 @@ impl fmt::Display for HostCaps {
                 "no (guest perf has no hardware events; sample with perf-kvm record)"
             }
         )?;
+        writeln!(f, "host PMU (-e cycles)   {}", self.host_pmu)?;
         writeln!(f, "max vCPUs              {}", self.max_vcpus)?;
         writeln!(
             f,

@@ -25,6 +25,10 @@ pub struct Sample {
     pub cr3: u64,
     /// Return addresses from the frame-pointer walk, innermost first, not including `rip`. Empty without `-g`.
     pub callchain: Vec<u64>,
+    /// What the sample stands for, in its event's unit (cycles for `-e cycles`, where the PMU varies it). `None`:
+    /// one period of the sampler's clock (1 / frequency), as every PMU-free sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<u64>,
 }
 
 /// Sample accounting beyond the samples themselves. Never silently dropped.

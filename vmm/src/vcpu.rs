@@ -83,6 +83,8 @@ pub struct VcpuHandle {
     pub id: usize,
     pub tx: Sender<VcpuRequest>,
     pub kicker: Kicker,
+    /// Host thread id of the vCPU thread.
+    pub tid: u32,
     pub state: Arc<AtomicU8>,
     pub sample_request: Arc<SampleRequest>,
     pub exits: crate::exit_stats::SharedExitTable,
@@ -414,6 +416,7 @@ impl Vcpu {
             },
             cr3: ctx.cr3 & 0x000f_ffff_ffff_f000,
             callchain,
+            period: None,
         };
         for _ in 1..owed {
             sink.push(sample.clone());

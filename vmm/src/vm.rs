@@ -91,6 +91,9 @@ pub struct VmInfo {
     pub kernel_format: String,
     pub cmdline: String,
     pub pid: u32,
+    /// Host thread id of each vCPU's thread, in vCPU order (what `perf-kvm record -e cycles` attaches to).
+    #[serde(default)]
+    pub vcpu_tids: Vec<u32>,
 }
 
 /// A thread-safe handle to a running VM: pause/resume, registers, guest memory. Cheap to clone.
@@ -441,11 +444,13 @@ impl Vm {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    let _ = kicker_tx.send(Kicker::current());
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() } as u32;
+                    let _ = kicker_tx.send((Kicker::current(), tid));
                     vcpu.run();
                 })
                 .map_err(VmError::Thread)?;
-            let kicker = kicker_rx
+            let (kicker, tid) = kicker_rx
                 .recv()
                 .map_err(|_| VmError::Vcpu(VcpuError::Exited(id)))?;
             threads.push(thread);
@@ -453,6 +458,7 @@ impl Vm {
                 id,
                 tx,
                 kicker,
+                tid,
                 state,
                 sample_request,
                 exits,
@@ -465,6 +471,7 @@ impl Vm {
             kernel_format: loaded.format.to_string(),
             cmdline: cfg.cmdline.clone(),
             pid: std::process::id(),
+            vcpu_tids: handles.iter().map(|h| h.tid).collect(),
         };
         let control = VmControl {
             inner: Arc::new(ControlInner {

@@ -1,6 +1,8 @@
 //! Byte layout of the perf.data pieces we write: file header, attribute, records, feature sections.
 //! All little-endian, as written by perf on x86_64.
 
+use super::SampledEvent;
+
 /// `struct perf_file_header` is 104 bytes: magic, size, attr_size, 3 sections, 256-bit feature bitmap.
 pub const FILE_HEADER_SIZE: u64 = 104;
 /// We write `perf_event_attr` in its version-7 size (128 bytes).
@@ -10,6 +12,8 @@ pub const FILE_ATTR_SIZE: u64 = EVENT_ATTR_SIZE + 16;
 
 pub const PERF_TYPE_SOFTWARE: u32 = 1;
 pub const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
+pub const PERF_TYPE_HARDWARE: u32 = 0;
+pub const PERF_COUNT_HW_CPU_CYCLES: u64 = 0;
 
 pub const PERF_SAMPLE_IP: u64 = 1 << 0;
 pub const PERF_SAMPLE_TID: u64 = 1 << 1;
@@ -42,9 +46,6 @@ pub const HEADER_EVENT_DESC: u32 = 12;
 /// `PERF_RECORD_MISC_BUILD_ID_SIZE`: the build-id event carries its length (perf ≥ 5.10).
 const PERF_RECORD_MISC_BUILD_ID_SIZE: u16 = 1 << 15;
 const BUILD_ID_MAX: usize = 20;
-
-/// Name of our single event, as `perf report` prints it.
-pub const EVENT_NAME: &str = "cpu-clock";
 
 /// Section offsets the header points at.
 #[derive(Debug, Clone, Copy, Default)]
@@ -82,12 +83,16 @@ pub fn sample_type(callchains: bool) -> u64 {
     }
 }
 
-/// `perf_event_attr` for a software cpu-clock event sampled at `freq_hz`, guest only.
-pub fn event_attr(freq_hz: u64, callchains: bool) -> Vec<u8> {
+/// `perf_event_attr` for `event` sampled at `freq_hz`, guest only.
+pub fn event_attr(event: SampledEvent, freq_hz: u64, callchains: bool) -> Vec<u8> {
+    let (kind, config) = match event {
+        SampledEvent::CpuClock => (PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK),
+        SampledEvent::Cycles => (PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES),
+    };
     let mut out = Vec::with_capacity(EVENT_ATTR_SIZE as usize);
-    put_u32(&mut out, PERF_TYPE_SOFTWARE);
+    put_u32(&mut out, kind);
     put_u32(&mut out, EVENT_ATTR_SIZE as u32);
-    put_u64(&mut out, PERF_COUNT_SW_CPU_CLOCK);
+    put_u64(&mut out, config);
     put_u64(&mut out, freq_hz);
     put_u64(&mut out, sample_type(callchains));
     put_u64(&mut out, 0); // read_format
@@ -228,13 +233,13 @@ pub fn feature_cmdline(args: &[String]) -> Vec<u8> {
 }
 
 /// HEADER_EVENT_DESC for our one event, with no sample ids.
-pub fn feature_event_desc(attr: &[u8]) -> Vec<u8> {
+pub fn feature_event_desc(attr: &[u8], name: &str) -> Vec<u8> {
     let mut out = Vec::new();
     put_u32(&mut out, 1);
     put_u32(&mut out, attr.len() as u32);
     out.extend_from_slice(attr);
     put_u32(&mut out, 0);
-    put_feature_string(&mut out, EVENT_NAME);
+    put_feature_string(&mut out, name);
     out
 }
 

@@ -8,6 +8,25 @@ mod writer;
 
 pub use writer::{CallchainContext, GuestUserMap, PerfDataError, PerfDataWriter, RecordMeta};
 
+/// The event a recording samples; it names the file's one attr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SampledEvent {
+    /// The PMU-free sampler: a vCPU's CPU time, like perf's cpu-clock.
+    #[default]
+    CpuClock,
+    /// Guest-only CPU cycles from the host PMU (`-e cycles`); each sample carries its own period.
+    Cycles,
+}
+
+impl SampledEvent {
+    pub fn name(self) -> &'static str {
+        match self {
+            SampledEvent::CpuClock => "cpu-clock",
+            SampledEvent::Cycles => "cycles",
+        }
+    }
+}
+
 /// `perf_event_header.misc` cpumode values (include/uapi/linux/perf_event.h).
 pub const PERF_RECORD_MISC_GUEST_KERNEL: u16 = 4;
 pub const PERF_RECORD_MISC_GUEST_USER: u16 = 5;

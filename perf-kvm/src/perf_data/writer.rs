@@ -80,6 +80,7 @@ pub struct RecordMeta {
     /// The recording command line, for HEADER_CMDLINE.
     pub cmdline: Vec<String>,
     pub callchain_context: CallchainContext,
+    pub event: super::SampledEvent,
 }
 
 pub struct PerfDataWriter {
@@ -119,7 +120,7 @@ impl PerfDataWriter {
             path: path.to_owned(),
             source,
         })?;
-        let attr = encode::event_attr(meta.freq_hz, meta.callchains);
+        let attr = encode::event_attr(meta.event, meta.freq_hz, meta.callchains);
         let attrs_section = FileSection {
             offset: encode::FILE_HEADER_SIZE,
             size: encode::FILE_ATTR_SIZE,
@@ -244,7 +245,7 @@ impl PerfDataWriter {
                 time: sample.time_ns,
                 cpu: sample.vcpu,
             },
-            period: self.period_ns,
+            period: sample.period.unwrap_or(self.period_ns),
             callchain: self.meta.callchains.then_some(&chain[..]),
         });
         self.put_record(&record)
@@ -356,7 +357,7 @@ impl PerfDataWriter {
         ));
         features.push((
             encode::HEADER_EVENT_DESC,
-            encode::feature_event_desc(&self.attr),
+            encode::feature_event_desc(&self.attr, self.meta.event.name()),
         ));
         features
     }
@@ -409,5 +410,49 @@ fn host_uname() -> HostUname {
             release: String::new(),
             machine: std::env::consts::ARCH.to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cycles recording names its event `cycles` and weights each sample by its own period, as the PMU varies
+    /// it in frequency mode.
+    #[test]
+    fn cycles_samples_keep_their_periods() {
+        let path =
+            std::env::temp_dir().join(format!("perf-kvm-cycles-{}.data", std::process::id()));
+        let meta = RecordMeta {
+            nr_vcpus: 1,
+            freq_hz: 1000,
+            event: super::super::SampledEvent::Cycles,
+            ..Default::default()
+        };
+        let mut w = PerfDataWriter::create(&path, &meta).unwrap();
+        for (rip, period) in [
+            (0xffff_ffff_8100_0000u64, 3_000u64),
+            (0xffff_ffff_8200_0000, 1_000),
+        ] {
+            w.write_sample(&Sample {
+                time_ns: 1,
+                vcpu: 0,
+                rip,
+                mode: GuestMode::Kernel,
+                cr3: 0,
+                callchain: Vec::new(),
+                period: Some(period),
+            })
+            .unwrap();
+        }
+        w.finish().unwrap();
+        let mut out = Vec::new();
+        let options = crate::report::ReportOptions::new(path.clone());
+        crate::report::run_report(&options, &mut out).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("of event 'cycles'"), "{text}");
+        assert!(text.contains("Event count (approx.): 4000"), "{text}");
+        assert!(text.contains("75.00%") && text.contains("25.00%"), "{text}");
     }
 }

@@ -115,6 +115,8 @@ pub struct Profile {
     pub unfinished: Option<String>,
     /// Records the parser could not read (corruption); the report covers the rest.
     pub skipped_records: u64,
+    /// Records of types this reader does not know (newer kernels, other tools), by type: skipped, and counted.
+    pub unknown_records: std::collections::BTreeMap<u32, u64>,
     /// The guest kernel image the recorder named in HEADER_BUILD_ID, with its build-id.
     pub guest_kernel_image: Option<(std::path::PathBuf, Vec<u8>)>,
 }
@@ -124,9 +126,18 @@ pub fn load(path: &Path) -> Result<Profile, LoadError> {
         path: path.to_owned(),
         source,
     })?;
-    if bytes.len() < FILE_HEADER_SIZE || &bytes[..8] != b"PERFILE2" {
+    if bytes.len() < 8 || &bytes[..8] != b"PERFILE2" {
         return Err(LoadError::NotPerfData {
             path: path.to_owned(),
+        });
+    }
+    if bytes.len() < FILE_HEADER_SIZE {
+        return Err(LoadError::BadLayout {
+            path: path.to_owned(),
+            reason: format!(
+                "the file ends inside its header ({} of {FILE_HEADER_SIZE} bytes)",
+                bytes.len()
+            ),
         });
     }
     let unfinished = repair_unfinished(&mut bytes);
@@ -179,6 +190,14 @@ fn read_records(
     profile: &mut Profile,
 ) -> Result<(), linux_perf_data::Error> {
     while let Some(record) = record_iter.next_record(perf_file)? {
+        let record_type = match &record {
+            PerfFileRecord::EventRecord { record, .. } => record.record_type.0,
+            PerfFileRecord::UserRecord(user) => user.record_type.record_type().0,
+        };
+        if !is_known_record_type(record_type) {
+            *profile.unknown_records.entry(record_type).or_default() += 1;
+            continue;
+        }
         let PerfFileRecord::EventRecord { record, .. } = record else {
             continue;
         };
@@ -245,6 +264,13 @@ fn read_records(
         }
     }
     Ok(())
+}
+
+/// Record types this reader knows, whether it uses them or not: the kernel's (1..=21, Linux 6.1), perf's own
+/// (64..=83) and simpleperf's (32769..=32777). Anything else (a newer kernel's, a vendor tool's) is skipped and
+/// counted, never taken for corruption.
+fn is_known_record_type(record_type: u32) -> bool {
+    matches!(record_type, 1..=21 | 64..=83 | 32769..=32777)
 }
 
 /// perf callchains include the sampled ip right after the first context marker; markers switch the mode of
@@ -332,6 +358,27 @@ fn check_layout(bytes: &[u8]) -> Result<(), String> {
             ));
         }
         section("feature", at as usize)?;
+    }
+    // Every record header must fit the data section: the parser would stop at a bad one with no offset to show.
+    let data_end = data_offset + data_size;
+    let mut at = data_offset;
+    while at < data_end {
+        let size = if at + RECORD_HEADER_SIZE as u64 <= data_end {
+            u64::from(u16::from_le_bytes([
+                bytes[at as usize + 6],
+                bytes[at as usize + 7],
+            ]))
+        } else {
+            0
+        };
+        if size < RECORD_HEADER_SIZE as u64 || at + size > data_end {
+            return Err(format!(
+                "the record at offset {at:#x} claims {size} bytes, but {} remain in the data section \
+                 (records must be at least {RECORD_HEADER_SIZE})",
+                data_end - at
+            ));
+        }
+        at += size;
     }
     Ok(())
 }

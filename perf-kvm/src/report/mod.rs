@@ -160,6 +160,18 @@ pub fn run_report(
             profile.skipped_records
         ));
     }
+    if !profile.unknown_records.is_empty() {
+        let total: u64 = profile.unknown_records.values().sum();
+        let types: Vec<String> = profile
+            .unknown_records
+            .iter()
+            .map(|(t, n)| format!("{t} ×{n}"))
+            .collect();
+        summary.warnings.push(format!(
+            "skipped {total} record(s) of unknown type (type {})",
+            types.join(", ")
+        ));
+    }
     summary.warnings.append(&mut resolver.warnings);
     let io = ReportError::Output;
     for warning in &summary.warnings {

@@ -407,6 +407,7 @@ mod tests {
             mode,
             cr3: 0,
             callchain,
+            period: None,
         }
     }
 

@@ -321,6 +321,7 @@ mod tests {
                     mode: GuestMode::User,
                     cr3: 0,
                     callchain: vec![0x3001],
+                    period: None,
                 };
                 m.add(&s);
             }
@@ -379,6 +380,7 @@ mod tests {
             mode: GuestMode::User,
             cr3: 0,
             callchain: vec![],
+            period: None,
         });
         assert_eq!(ui.rows(&m), frozen, "paused rows stay");
         ui.handle_key(key(KeyCode::Char('p')), &mut m);

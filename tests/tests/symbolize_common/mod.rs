@@ -371,7 +371,7 @@ pub fn addresses_inside_functions(functions: &[(u64, u64, String)], count: usize
 /// --fsys-tarfile | tar -x` of just the vmlinux) and cached in `$KVM_PROF_CACHE`, else `$XDG_CACHE_HOME/kvm-prof`,
 /// else `/var/cache/kvm-prof` when writable, else `~/.cache/kvm-prof`. Panics (the test FAILS) when it can be neither
 /// found nor downloaded.
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("KVM_PROF_CACHE") {
         return PathBuf::from(dir);
     }
@@ -393,7 +393,7 @@ fn is_writable(dir: &Path) -> bool {
 }
 
 /// ABI number of a `vmlinux-6.1.0-N-cloud-amd64` or `linux-image-6.1.0-N-cloud-amd64-dbg` name.
-fn abi_number(name: &str) -> Option<u32> {
+pub fn abi_number(name: &str) -> Option<u32> {
     let rest = name.split("6.1.0-").nth(1)?;
     rest.split('-').next()?.parse().ok()
 }
