@@ -1,5 +1,6 @@
-//! Debian's stock cloud kernel under `vmm run` on this host: the banner and e820 map, and past `int3_selftest`
-//! (the VMM delivers the CPL0 int3 that PVM reports as an internal error as the #BP it is; QEMU stops there).
+//! Debian's stock cloud kernel under `vmm run` on this host: the banner and e820 map, both vCPUs of `--cpus 2` from
+//! the ACPI MADT, and past `int3_selftest` (the VMM delivers the CPL0 int3 that PVM reports as an internal error as
+//! the #BP it is; QEMU stops there).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -104,6 +105,29 @@ fn debian_kernel_prints_its_banner_and_e820_map() {
         .iter()
         .any(|l| l.contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable")));
     // The child is still running: the VMM did not die on anything so far.
+    assert!(vm.child.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn debian_kernel_sees_two_vcpus_through_the_acpi_madt() {
+    // Debian's kernels have no MP-table parser (CONFIG_X86_MPPARSE is off): the CPUs come from the MADT or nowhere.
+    let mut vm = Booting::start(&["--cpus", "2"]);
+    vm.wait_for("ACPI: RSDP 0x00000000000E0000", Duration::from_secs(120));
+    vm.wait_for(
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        Duration::from_secs(180),
+    );
+    vm.wait_for(
+        "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
+        Duration::from_secs(60),
+    );
+    for bad in ["not listed by BIOS", "ACPI BIOS Error", "ACPI Error"] {
+        assert!(
+            !vm.log.iter().any(|l| l.contains(bad)),
+            "{bad:?} in:\n{}",
+            vm.log.join("\n")
+        );
+    }
     assert!(vm.child.try_wait().unwrap().is_none());
 }
 

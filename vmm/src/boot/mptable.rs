@@ -3,7 +3,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{APIC_START, IOAPIC_START, MPTABLE_START};
+use super::layout::{
+    APIC_START, BDA_BASE_MEMORY_KIB, BDA_EBDA_SEGMENT, EBDA_START, IOAPIC_START, MPTABLE_START,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MptableError {
@@ -83,9 +85,14 @@ pub fn build(num_cpus: usize, base: u64) -> Result<Vec<u8>, MptableError> {
     Ok(out)
 }
 
+/// Writes the table into the EBDA, and the BIOS data area words that point scanners there.
 pub fn write(mem: &GuestMemoryMmap, num_cpus: usize) -> Result<(), MptableError> {
     let bytes = build(num_cpus, MPTABLE_START)?;
     mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
+        .map_err(MptableError::Write)?;
+    mem.write_obj((EBDA_START >> 4) as u16, GuestAddress(BDA_EBDA_SEGMENT))
+        .map_err(MptableError::Write)?;
+    mem.write_obj((EBDA_START >> 10) as u16, GuestAddress(BDA_BASE_MEMORY_KIB))
         .map_err(MptableError::Write)
 }
 
