@@ -116,4 +116,17 @@ mod tests {
         );
         assert!(build(0, 0).is_err() && build(255, 0).is_err());
     }
+
+    #[test]
+    fn bios_data_area_points_scanners_at_the_table() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write(&mem, 2).unwrap();
+        let segment: u16 = mem.read_obj(GuestAddress(BDA_EBDA_SEGMENT)).unwrap();
+        let base_kib: u16 = mem.read_obj(GuestAddress(BDA_BASE_MEMORY_KIB)).unwrap();
+        assert_eq!(base_kib, 639);
+        let mut sig = [0u8; 4];
+        mem.read_slice(&mut sig, GuestAddress((segment as u64) << 4))
+            .unwrap();
+        assert_eq!(&sig, b"_MP_");
+    }
 }
