@@ -10,6 +10,7 @@ const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_AVX: u32 = 1 << 28;
 const LEAF1_ECX_F16C: u32 = 1 << 29;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF_8000_0001_ECX_PERFCTR_CORE: u32 = 1 << 23;
 /// Leaf 7 EBX features that need XSAVE-managed state: AVX2 and the AVX-512 family.
 const LEAF7_EBX_XSAVE_STATE: u32 = (1 << 5)
     | (1 << 16)
@@ -69,6 +70,11 @@ pub fn for_vcpu(supported: &CpuId, policy: &CpuidPolicy, apic_id: u32, num_cpus:
                 e.edx &= !LEAF7_EDX_XSAVE_STATE;
             }
             0xa if policy.hide_pmu => {
+                (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
+            }
+            // AMD: core performance counter extensions and PerfMonV2.
+            0x8000_0001 if policy.hide_pmu => e.ecx &= !LEAF_8000_0001_ECX_PERFCTR_CORE,
+            0x8000_0022 if policy.hide_pmu => {
                 (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
             }
             0xb | 0x1f => e.edx = apic_id,
@@ -160,5 +166,51 @@ mod tests {
             CX16 | LEAF1_ECX_AVX
         );
         assert_eq!(c.as_slice()[2].eax, 1);
+    }
+
+    /// The PMU policy end to end without KVM: the host's supported CPUID → the probe's verdict → each vCPU's CPUID.
+    #[test]
+    fn guest_gets_the_host_pmu_unless_no_pmu() {
+        const ARCH_PERFMON_V2: u32 = 0x0730_0402; // version 2, 4 counters, 48 bits wide
+        let supported = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 0xa,
+                eax: ARCH_PERFMON_V2,
+                edx: 0x603,
+                ..Default::default()
+            },
+            entry(0x8000_0001, 0, 0, LEAF_8000_0001_ECX_PERFCTR_CORE | 1, 0),
+        ])
+        .unwrap();
+        let caps = crate::probe::HostCaps {
+            pmu: crate::probe::host_has_pmu(&supported, 0),
+            ..crate::probe::tests::hardware_host()
+        };
+        assert!(caps.pmu, "leaf 0xA version 2 is a vPMU");
+
+        let default = for_vcpu(&supported, &CpuidPolicy::from_caps(&caps, false), 0, 1);
+        let leaf_a = default.as_slice()[0];
+        assert_eq!(
+            (leaf_a.eax, leaf_a.edx),
+            (ARCH_PERFMON_V2, 0x603),
+            "kept by default"
+        );
+        assert_ne!(
+            default.as_slice()[1].ecx & LEAF_8000_0001_ECX_PERFCTR_CORE,
+            0
+        );
+
+        let off = for_vcpu(&supported, &CpuidPolicy::from_caps(&caps, true), 0, 1);
+        let leaf_a = off.as_slice()[0];
+        assert_eq!(
+            (leaf_a.eax, leaf_a.ebx, leaf_a.ecx, leaf_a.edx),
+            (0, 0, 0, 0),
+            "--no-pmu clears it"
+        );
+        assert_eq!(
+            off.as_slice()[1].ecx,
+            1,
+            "and the AMD counter extensions, nothing else"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Port I/O devices: COM1 8250 UART (vm-superio) to stdout, i8042 reset (vm-superio), and the debug-exit port.
+//! Port I/O devices: COM1 8250 UART (vm-superio) to stdout, i8042 reset (vm-superio), the debug-exit port, and the
+//! ACPI PM1a registers the FADT names (so an ACPI `poweroff` ends the VM).
 //!
 //! Everything else is in KVM (irqchip, PIT). Unknown ports read as all-ones and ignore writes, like an empty ISA bus.
 
@@ -14,6 +15,15 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_BASE: u16 = 0x60;
 /// A guest writes a 32-bit status here to end the VM; the `vmm` process exits with it (QEMU's isa-debug-exit port).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// ACPI PM1a event block (status, enable: 2 bytes each) and control block (2 bytes), as in the FADT.
+pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
+pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
+/// The SCI's ISA IRQ (nothing raises it: no ACPI events are generated).
+pub const ACPI_SCI_IRQ: u8 = 9;
+/// SLP_TYP for S5 (soft off), as the DSDT's `\_S5` package gives it.
+pub const ACPI_SLP_TYP_S5: u8 = 5;
+const PM1_CNT_SCI_EN: u16 = 1;
+const PM1_CNT_SLP_EN: u16 = 1 << 13;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -51,7 +61,7 @@ pub enum PioOutcome {
     Unclaimed,
     /// The guest asked to end the VM with this status (debug-exit port).
     ExitRequested(u32),
-    /// The guest asked for a reset (i8042), which this VMM treats as a clean end.
+    /// The guest asked for a reset (i8042) or power-off (ACPI S5), which this VMM treats as a clean end.
     ResetRequested,
 }
 
@@ -92,6 +102,22 @@ impl PioDevices {
                     PioOutcome::Handled
                 }
             }
+            ACPI_PM1A_CNT_PORT..=0x605 => {
+                // A 16-bit write, or one byte of it; only SLP_EN with SLP_TYP = S5 does anything.
+                let shift = 8 * (port - ACPI_PM1A_CNT_PORT) as u32;
+                let v = data
+                    .iter()
+                    .take(2)
+                    .rev()
+                    .fold(0u16, |a, b| a << 8 | *b as u16)
+                    << shift;
+                if v & PM1_CNT_SLP_EN != 0 && (v >> 10) & 7 == ACPI_SLP_TYP_S5 as u16 {
+                    PioOutcome::ResetRequested
+                } else {
+                    PioOutcome::Handled
+                }
+            }
+            ACPI_PM1A_EVT_PORT..=0x603 => PioOutcome::Handled,
             DEBUG_EXIT_PORT => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
@@ -110,6 +136,15 @@ impl PioDevices {
             }
             p @ (I8042_BASE | 0x64) if data.len() == 1 => {
                 data[0] = lock(&self.i8042).read((p - I8042_BASE) as u8);
+                PioOutcome::Handled
+            }
+            ACPI_PM1A_EVT_PORT..=0x605 => {
+                // No events pending or enabled; the control register reads SCI_EN: always in ACPI mode.
+                let regs = [0u8, 0, 0, 0, PM1_CNT_SCI_EN as u8, 0];
+                let at = (port - ACPI_PM1A_EVT_PORT) as usize;
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = regs.get(at + i).copied().unwrap_or(0xff);
+                }
                 PioOutcome::Handled
             }
             _ => {
@@ -172,5 +207,40 @@ mod tests {
         assert_eq!(dev.read(0x1234, &mut d), PioOutcome::Unclaimed);
         assert_eq!(d, [0xff, 0xff]);
         assert_eq!(dev.write(0x1234, &[1]), PioOutcome::Unclaimed);
+    }
+
+    #[test]
+    fn acpi_pm1_control_powers_off_on_s5_only() {
+        let (dev, _irq) = PioDevices::new(Box::new(Sink::default())).unwrap();
+        let mut cnt = [0u8; 2];
+        assert_eq!(dev.read(ACPI_PM1A_CNT_PORT, &mut cnt), PioOutcome::Handled);
+        assert_eq!(u16::from_le_bytes(cnt) & PM1_CNT_SCI_EN, PM1_CNT_SCI_EN);
+        let mut sts = [0xffu8; 2];
+        assert_eq!(dev.read(ACPI_PM1A_EVT_PORT, &mut sts), PioOutcome::Handled);
+        assert_eq!(sts, [0, 0]);
+        let s5 = PM1_CNT_SLP_EN | (ACPI_SLP_TYP_S5 as u16) << 10 | PM1_CNT_SCI_EN;
+        assert_eq!(
+            dev.write(ACPI_PM1A_CNT_PORT, &s5.to_le_bytes()),
+            PioOutcome::ResetRequested
+        );
+        assert_eq!(
+            dev.write(ACPI_PM1A_CNT_PORT + 1, &[(s5 >> 8) as u8]),
+            PioOutcome::ResetRequested
+        );
+        // SLP_TYP without SLP_EN, or another sleep type: nothing happens.
+        let typ_only = (ACPI_SLP_TYP_S5 as u16) << 10;
+        assert_eq!(
+            dev.write(ACPI_PM1A_CNT_PORT, &typ_only.to_le_bytes()),
+            PioOutcome::Handled
+        );
+        let s1 = PM1_CNT_SLP_EN | 1 << 10;
+        assert_eq!(
+            dev.write(ACPI_PM1A_CNT_PORT, &s1.to_le_bytes()),
+            PioOutcome::Handled
+        );
+        assert_eq!(
+            dev.write(ACPI_PM1A_EVT_PORT, &[0xff, 0xff]),
+            PioOutcome::Handled
+        );
     }
 }

@@ -56,11 +56,14 @@ pub struct HostCaps {
     pub hw_breakpoints: i32,
     pub readonly_mem: bool,
     pub binary_stats_fd: bool,
-    /// The host's KVM offers a virtual PMU (`KVM_CAP_PMU_CAPABILITY` and CPUID leaf 0xA version > 0).
+    /// The host's KVM offers a virtual PMU: see [`host_has_pmu`].
     pub pmu: bool,
     /// `vmm probe`'s line about the host PMU: whether a guest-only cycles event opens here
     /// (`perf-kvm record -e cycles`), decided by trying it.
     pub host_pmu: String,
+    /// `KVM_CAP_PMU_CAPABILITY` offers `KVM_PMU_CAP_DISABLE`: `--no-pmu` can turn the vPMU off in KVM itself, not
+    /// only in CPUID (kernels before 6.0 have no such capability).
+    pub pmu_can_disable: bool,
     pub max_vcpus: usize,
     pub xsave: Emulation,
     /// The guest sees CPUID.1:ECX.XSAVE even when the VMM's CPUID table clears it (PVM answers CPUID itself), so
@@ -121,7 +124,7 @@ impl HostCaps {
                 .copied()
         };
         let leaf1 = leaf(1).unwrap_or_default();
-        let pmu_version = leaf(0xa).map(|e| e.eax & 0xff).unwrap_or(0);
+        let pmu_cap = cap(KVM_CAP_PMU_CAPABILITY);
         let snippets = run_snippets(
             kvm,
             &cpuid,
@@ -139,8 +142,9 @@ impl HostCaps {
             hw_breakpoints: cap(KVM_CAP_GUEST_DEBUG_HW_BPS),
             readonly_mem: cap(KVM_CAP_READONLY_MEM) > 0,
             binary_stats_fd: cap(KVM_CAP_BINARY_STATS_FD) > 0,
-            pmu: cap(KVM_CAP_PMU_CAPABILITY) > 0 && pmu_version > 0,
             host_pmu: crate::pmu::describe_probe(&crate::pmu::probe_guest_cycles()),
+            pmu: host_has_pmu(&cpuid, pmu_cap),
+            pmu_can_disable: pmu_cap > 0 && pmu_cap as u32 & KVM_PMU_CAP_DISABLE != 0,
             max_vcpus: kvm.get_max_vcpus(),
             xsave: snippets.xsave,
             xsave_cpuid_leaks: snippets.xsave_cpuid_leaks,
@@ -235,6 +239,18 @@ impl fmt::Display for HostCaps {
             }
         )
     }
+}
+
+/// Whether KVM gives guests a virtual PMU. KVM reports the architectural PMU (CPUID leaf 0xA, version > 0 in EAX[7:0])
+/// in its supported CPUID only while its vPMU is on (`enable_pmu`), on every kernel version; AMD has no leaf 0xA, so
+/// there `KVM_CAP_PMU_CAPABILITY` (Linux 6.0+, non-zero while the vPMU is on) is what tells.
+pub fn host_has_pmu(supported: &CpuId, pmu_capability: i32) -> bool {
+    let version = supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xa && e.index == 0)
+        .map_or(0, |e| e.eax & 0xff);
+    version > 0 || pmu_capability > 0
 }
 
 const SNIPPET_CODE: u64 = 0x10000;
@@ -585,4 +601,56 @@ fn run_one(
         _ => SnippetExit::Other,
     };
     Some(exit)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// What a hardware-KVM host without quirks reports; tests change the fields they are about.
+    pub(crate) fn hardware_host() -> HostCaps {
+        HostCaps {
+            api_version: 12,
+            pvm: false,
+            sync_regs: KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS,
+            immediate_exit: true,
+            set_guest_debug: true,
+            guest_debug_flags: 0,
+            hw_breakpoints: 4,
+            readonly_mem: true,
+            binary_stats_fd: true,
+            host_pmu: String::new(),
+            pmu: false,
+            pmu_can_disable: false,
+            max_vcpus: 1024,
+            xsave: Emulation::Runs,
+            xsave_cpuid_leaks: false,
+            unrunnable: Vec::new(),
+            int3: Int3Delivery::DebugExit,
+            data_breakpoints: true,
+        }
+    }
+
+    fn supported(leaf_a_eax: u32) -> CpuId {
+        CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function: 0xa,
+            eax: leaf_a_eax,
+            ..Default::default()
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn pmu_from_leaf_0xa_or_the_capability() {
+        // Intel, any kernel: architectural PMU version 2 in the supported CPUID.
+        assert!(host_has_pmu(&supported(0x0730_0402), 0));
+        // AMD on 6.0+: no leaf 0xA, the capability says the vPMU is on.
+        assert!(host_has_pmu(&supported(0), KVM_PMU_CAP_DISABLE as i32));
+        // This PVM host (and `enable_pmu=0`): leaf 0xA all zero, capability 0.
+        assert!(!host_has_pmu(&supported(0), 0));
+        let mut caps = hardware_host();
+        assert!(format!("{caps}").contains("virtual PMU            no ("));
+        caps.pmu = true;
+        assert!(format!("{caps}").contains("virtual PMU            yes ("));
+    }
 }

@@ -158,6 +158,7 @@ mod tests {
             mode: GuestMode::User,
             cr3: 0,
             callchain: Vec::new(),
+            period: None,
         }
     }
 

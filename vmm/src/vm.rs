@@ -306,7 +306,7 @@ impl Vm {
             vm: crate::kvm_stats::StatsFd::open(&vm_fd).ok(),
             vcpus: Vec::new(),
         };
-        if cfg.no_pmu && caps.pmu {
+        if cfg.no_pmu && caps.pmu_can_disable {
             let cap = kvm_bindings::kvm_enable_cap {
                 cap: kvm_bindings::KVM_CAP_PMU_CAPABILITY,
                 args: [kvm_bindings::KVM_PMU_CAP_DISABLE as u64, 0, 0, 0],

@@ -17,6 +17,11 @@ pub const BOOT_STACK_TOP: u64 = 0x8ff0;
 /// MP floating pointer and configuration table, in the EBDA where firmware puts them.
 pub const MPTABLE_START: u64 = 0x9fc00;
 pub const EBDA_START: u64 = 0x9fc00;
+/// BIOS data area words firmware fills: the EBDA segment and the base memory size in KiB (what MP-table scanners read).
+pub const BDA_EBDA_SEGMENT: u64 = 0x40e;
+pub const BDA_BASE_MEMORY_KIB: u64 = 0x413;
+/// ACPI tables, RSDP first, in the BIOS area where OSes scan for it (0xE0000–0xFFFFF).
+pub const ACPI_START: u64 = 0xe0000;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;

@@ -1,6 +1,7 @@
 //! Kernel loading and boot-protocol setup: ELF through its PVH note, ELF through the 64-bit Linux boot protocol, and
-//! bzImage through the 64-bit boot protocol; initramfs, command line, e820 map, boot params, MP table.
+//! bzImage through the 64-bit boot protocol; initramfs, command line, e820 map, boot params, MP table, ACPI tables.
 
+pub mod acpi;
 pub mod layout;
 pub mod mptable;
 
@@ -60,6 +61,8 @@ pub enum BootError {
     Configure(#[source] linux_loader::configurator::Error),
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
 }
 
 /// How the boot vCPU enters the kernel.
@@ -132,6 +135,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
     let cmdline_size = words.len() as u32 + 1;
 
     mptable::write(mem, cfg.num_cpus)?;
+    let rsdp = acpi::write(mem, cfg.num_cpus)?;
 
     if is_elf {
         let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
@@ -142,7 +146,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
             _ => notes.pvh_entry,
         };
         if let Some(entry) = pvh_entry {
-            write_pvh_start_info(mem, initrd)?;
+            write_pvh_start_info(mem, initrd, rsdp)?;
             return Ok(LoadedKernel {
                 entry: EntryPoint::Pvh { entry },
                 kernel_end: r.kernel_end,
@@ -157,7 +161,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
             ..Default::default()
         };
         hdr.version = 0x020f;
-        write_zero_page(mem, hdr, cmdline_size, initrd)?;
+        write_zero_page(mem, hdr, cmdline_size, initrd, rsdp)?;
         write_long_mode_tables(mem)?;
         Ok(LoadedKernel {
             entry: EntryPoint::Linux64 {
@@ -180,7 +184,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
         hdr.loadflags |= 0x80; // CAN_USE_HEAP
         hdr.heap_end_ptr = 0xfe00;
         let initrd = load_initrd(mem, cfg.initrd, r.kernel_end)?;
-        write_zero_page(mem, hdr, cmdline_size, initrd)?;
+        write_zero_page(mem, hdr, cmdline_size, initrd, rsdp)?;
         write_long_mode_tables(mem)?;
         Ok(LoadedKernel {
             entry: EntryPoint::Linux64 {
@@ -317,6 +321,7 @@ fn e820_entries(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
 fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_entries(mem)
         .into_iter()
@@ -333,6 +338,7 @@ fn write_pvh_start_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp,
         nr_modules: initrd.is_some() as u32,
         modlist_paddr: if initrd.is_some() {
             PVH_MODLIST_START
@@ -360,9 +366,11 @@ fn write_zero_page(
     hdr: setup_header,
     cmdline_size: u32,
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let mut bp = boot_params {
         hdr,
+        acpi_rsdp_addr: rsdp,
         ..Default::default()
     };
     bp.hdr.cmd_line_ptr = CMDLINE_START as u32;

@@ -3,7 +3,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{APIC_START, IOAPIC_START, MPTABLE_START};
+use super::layout::{
+    APIC_START, BDA_BASE_MEMORY_KIB, BDA_EBDA_SEGMENT, EBDA_START, IOAPIC_START, MPTABLE_START,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MptableError {
@@ -83,9 +85,14 @@ pub fn build(num_cpus: usize, base: u64) -> Result<Vec<u8>, MptableError> {
     Ok(out)
 }
 
+/// Writes the table into the EBDA, and the BIOS data area words that point scanners there.
 pub fn write(mem: &GuestMemoryMmap, num_cpus: usize) -> Result<(), MptableError> {
     let bytes = build(num_cpus, MPTABLE_START)?;
     mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
+        .map_err(MptableError::Write)?;
+    mem.write_obj((EBDA_START >> 4) as u16, GuestAddress(BDA_EBDA_SEGMENT))
+        .map_err(MptableError::Write)?;
+    mem.write_obj((EBDA_START >> 10) as u16, GuestAddress(BDA_BASE_MEMORY_KIB))
         .map_err(MptableError::Write)
 }
 
@@ -108,5 +115,18 @@ mod tests {
             3 + 1 + 1 + 16 + 2
         );
         assert!(build(0, 0).is_err() && build(255, 0).is_err());
+    }
+
+    #[test]
+    fn bios_data_area_points_scanners_at_the_table() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write(&mem, 2).unwrap();
+        let segment: u16 = mem.read_obj(GuestAddress(BDA_EBDA_SEGMENT)).unwrap();
+        let base_kib: u16 = mem.read_obj(GuestAddress(BDA_BASE_MEMORY_KIB)).unwrap();
+        assert_eq!(base_kib, 639);
+        let mut sig = [0u8; 4];
+        mem.read_slice(&mut sig, GuestAddress((segment as u64) << 4))
+            .unwrap();
+        assert_eq!(&sig, b"_MP_");
     }
 }

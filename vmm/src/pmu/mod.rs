@@ -10,12 +10,12 @@ pub mod ring;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use perf_event_open_sys::bindings as sys;
 
+use crate::sample_queue::{PushOutcome, SampleQueue};
 use crate::sampler::{LossCounters, SampleStream};
 use record::{parse_record, PmuRecord, Rejected, SampleConverter};
 use ring::RingBuffer;
@@ -248,14 +248,14 @@ impl PmuSession {
             // SAFETY: ENABLE on a perf event fd we own; the argument is unused.
             unsafe { perf_event_open_sys::ioctls::ENABLE(ev.fd.as_raw_fd(), 0) };
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_capacity.max(1));
+        let (queue, rx) = SampleQueue::new(cfg.queue_capacity);
         let loss = Arc::new(LossCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let converter = SampleConverter::new(vcpu_tids, base_time_ns);
         let stats = Arc::new(PmuStats::default());
         let delivery = Delivery {
             converter,
-            tx,
+            queue,
             loss: loss.clone(),
             stats: stats.clone(),
             consumer_gone: false,
@@ -308,10 +308,17 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+impl Drop for Delivery {
+    /// The reader thread is done: the consumer reads what is queued, then sees the end.
+    fn drop(&mut self) {
+        self.queue.close_producers();
+    }
+}
+
 /// Where the records of the rings go: samples to the consumer, the rest into the loss counters.
 struct Delivery {
     converter: SampleConverter,
-    tx: SyncSender<crate::Sample>,
+    queue: Arc<SampleQueue>,
     loss: Arc<LossCounters>,
     stats: Arc<PmuStats>,
     consumer_gone: bool,
@@ -321,12 +328,12 @@ impl Delivery {
     fn record(&mut self, bytes: &[u8]) {
         match parse_record(bytes) {
             Ok(PmuRecord::Sample(raw)) => match self.converter.convert(&raw) {
-                Ok(sample) => match self.tx.try_send(sample) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => {
+                Ok(sample) => match self.queue.push(sample) {
+                    PushOutcome::Queued => {}
+                    PushOutcome::Full => {
                         self.loss.queue_full.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(TrySendError::Disconnected(_)) => self.consumer_gone = true,
+                    PushOutcome::Closed => self.consumer_gone = true,
                 },
                 Err(Rejected::HostMode | Rejected::UnknownThread(_)) => {
                     self.stats.host_mode.fetch_add(1, Ordering::Relaxed);
@@ -378,6 +385,7 @@ fn read_loop(mut events: Vec<VcpuEvent>, mut delivery: Delivery, stop: Arc<Atomi
                 ev.closed = true;
             }
         }
+        delivery.queue.nudge();
         if stopping || delivery.consumer_gone || events.iter().all(|ev| ev.closed) {
             return;
         }
