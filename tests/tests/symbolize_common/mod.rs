@@ -472,6 +472,13 @@ fn find_or_download_debian_vmlinux() -> PathBuf {
     );
     let final_path = dir.join(format!("vmlinux-{release}"));
     std::fs::rename(&partial, &final_path).expect("move vmlinux into the cache");
+    // Keep the package: the module tests (symbolize_module_ko) extract kvm.ko from it instead of downloading it again.
+    let keep = dir.join("dl");
+    if std::fs::create_dir_all(&keep).is_ok() {
+        if let Some(name) = deb.file_name() {
+            std::fs::rename(&deb, keep.join(name)).ok();
+        }
+    }
     std::fs::remove_dir_all(&download_dir).ok();
     final_path
 }
