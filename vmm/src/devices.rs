@@ -87,21 +87,41 @@ impl PioDevices {
         Ok((devices, irq_for_kvm))
     }
 
+    /// One port-I/O exit: `count` accesses of `size` bytes each at `port`, `data` holding them in order. `rep ins`
+    /// and `rep outs` bring several accesses to the same port in one exit (KVM reads ahead for `rep ins`).
+    pub fn pio_write(&self, port: u16, size: usize, data: &[u8]) -> PioOutcome {
+        let mut outcome = PioOutcome::Unclaimed;
+        for access in data.chunks(size.max(1)) {
+            match self.write(port, access) {
+                end @ (PioOutcome::ExitRequested(_) | PioOutcome::ResetRequested) => return end,
+                PioOutcome::Handled => outcome = PioOutcome::Handled,
+                PioOutcome::Unclaimed => {}
+            }
+        }
+        outcome
+    }
+
+    /// Reads for one port-I/O exit (see `pio_write`).
+    pub fn pio_read(&self, port: u16, size: usize, data: &mut [u8]) -> PioOutcome {
+        let mut outcome = PioOutcome::Unclaimed;
+        for access in data.chunks_mut(size.max(1)) {
+            if self.read(port, access) == PioOutcome::Handled {
+                outcome = PioOutcome::Handled;
+            }
+        }
+        outcome
+    }
+
+    /// One `out` of 1, 2 or 4 bytes. The debug-exit port and the ACPI PM1a registers take the whole value; the
+    /// byte-wide devices (UART, i8042) see a wider access as one byte per port from `port` up, as an ISA bus splits it.
     pub fn write(&self, port: u16, data: &[u8]) -> PioOutcome {
+        if port == DEBUG_EXIT_PORT {
+            let mut v = [0u8; 4];
+            let n = data.len().min(4);
+            v[..n].copy_from_slice(&data[..n]);
+            return PioOutcome::ExitRequested(u32::from_le_bytes(v));
+        }
         match port {
-            COM1_BASE..=0x3ff if data.len() == 1 => {
-                // A failed interrupt injection only delays the guest's view of the UART; output is not lost.
-                let _ = lock(&self.serial).write((port - COM1_BASE) as u8, data[0]);
-                PioOutcome::Handled
-            }
-            p @ (I8042_BASE | 0x64) if data.len() == 1 => {
-                let _ = lock(&self.i8042).write((p - I8042_BASE) as u8, data[0]);
-                if self.reset.0.swap(false, Ordering::SeqCst) {
-                    PioOutcome::ResetRequested
-                } else {
-                    PioOutcome::Handled
-                }
-            }
             ACPI_PM1A_CNT_PORT..=0x605 => {
                 // A 16-bit write, or one byte of it; only SLP_EN with SLP_TYP = S5 does anything.
                 let shift = 8 * (port - ACPI_PM1A_CNT_PORT) as u32;
@@ -111,47 +131,75 @@ impl PioDevices {
                     .rev()
                     .fold(0u16, |a, b| a << 8 | *b as u16)
                     << shift;
-                if v & PM1_CNT_SLP_EN != 0 && (v >> 10) & 7 == ACPI_SLP_TYP_S5 as u16 {
+                return if v & PM1_CNT_SLP_EN != 0 && (v >> 10) & 7 == ACPI_SLP_TYP_S5 as u16 {
+                    PioOutcome::ResetRequested
+                } else {
+                    PioOutcome::Handled
+                };
+            }
+            ACPI_PM1A_EVT_PORT..=0x603 => return PioOutcome::Handled,
+            _ => {}
+        }
+        let mut outcome = PioOutcome::Unclaimed;
+        for (i, &byte) in data.iter().enumerate() {
+            let Some(p) = port.checked_add(i as u16) else {
+                break;
+            };
+            match self.write_byte(p, byte) {
+                PioOutcome::Unclaimed => {}
+                PioOutcome::Handled => outcome = PioOutcome::Handled,
+                end => return end,
+            }
+        }
+        outcome
+    }
+
+    fn write_byte(&self, port: u16, byte: u8) -> PioOutcome {
+        match port {
+            COM1_BASE..=0x3ff => {
+                // A failed interrupt injection only delays the guest's view of the UART; output is not lost.
+                let _ = lock(&self.serial).write((port - COM1_BASE) as u8, byte);
+                PioOutcome::Handled
+            }
+            I8042_BASE | 0x64 => {
+                let _ = lock(&self.i8042).write((port - I8042_BASE) as u8, byte);
+                if self.reset.0.swap(false, Ordering::SeqCst) {
                     PioOutcome::ResetRequested
                 } else {
                     PioOutcome::Handled
                 }
             }
-            ACPI_PM1A_EVT_PORT..=0x603 => PioOutcome::Handled,
-            DEBUG_EXIT_PORT => {
-                let mut v = [0u8; 4];
-                let n = data.len().min(4);
-                v[..n].copy_from_slice(&data[..n]);
-                PioOutcome::ExitRequested(u32::from_le_bytes(v))
-            }
             _ => PioOutcome::Unclaimed,
         }
     }
 
+    /// One `in` of 1, 2 or 4 bytes, split per port like `write`; nothing there reads as all-ones.
     pub fn read(&self, port: u16, data: &mut [u8]) -> PioOutcome {
-        match port {
-            COM1_BASE..=0x3ff if data.len() == 1 => {
-                data[0] = lock(&self.serial).read((port - COM1_BASE) as u8);
-                PioOutcome::Handled
-            }
-            p @ (I8042_BASE | 0x64) if data.len() == 1 => {
-                data[0] = lock(&self.i8042).read((p - I8042_BASE) as u8);
-                PioOutcome::Handled
-            }
-            ACPI_PM1A_EVT_PORT..=0x605 => {
-                // No events pending or enabled; the control register reads SCI_EN: always in ACPI mode.
-                let regs = [0u8, 0, 0, 0, PM1_CNT_SCI_EN as u8, 0];
-                let at = (port - ACPI_PM1A_EVT_PORT) as usize;
-                for (i, b) in data.iter_mut().enumerate() {
-                    *b = regs.get(at + i).copied().unwrap_or(0xff);
+        let mut outcome = PioOutcome::Unclaimed;
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = 0xff;
+            let Some(p) = port.checked_add(i as u16) else {
+                continue;
+            };
+            match p {
+                COM1_BASE..=0x3ff => {
+                    *byte = lock(&self.serial).read((p - COM1_BASE) as u8);
+                    outcome = PioOutcome::Handled;
                 }
-                PioOutcome::Handled
-            }
-            _ => {
-                data.fill(0xff);
-                PioOutcome::Unclaimed
+                I8042_BASE | 0x64 => {
+                    *byte = lock(&self.i8042).read((p - I8042_BASE) as u8);
+                    outcome = PioOutcome::Handled;
+                }
+                ACPI_PM1A_EVT_PORT..=0x605 => {
+                    // No events pending or enabled; the control register reads SCI_EN: always in ACPI mode.
+                    let regs = [0u8, 0, 0, 0, PM1_CNT_SCI_EN as u8, 0];
+                    *byte = regs[(p - ACPI_PM1A_EVT_PORT) as usize];
+                    outcome = PioOutcome::Handled;
+                }
+                _ => {}
             }
         }
+        outcome
     }
 
     /// Queues host input for the guest's UART; returns how many bytes fit in its FIFO.
@@ -242,5 +290,40 @@ mod tests {
             dev.write(ACPI_PM1A_EVT_PORT, &[0xff, 0xff]),
             PioOutcome::Handled
         );
+    }
+
+    #[test]
+    fn string_and_wide_accesses_split_per_element_and_per_port() {
+        let sink = Sink::default();
+        let (dev, _irq) = PioDevices::new(Box::new(sink.clone())).unwrap();
+        // `rep outsb` of three bytes to THR: three characters.
+        assert_eq!(dev.pio_write(COM1_BASE, 1, b"abc"), PioOutcome::Handled);
+        assert_eq!(&*sink.0.lock().unwrap(), b"abc");
+        // `rep insb` of four bytes from LSR: THR empty each time, not an unclaimed all-ones.
+        let mut lsr = [0u8; 4];
+        assert_eq!(
+            dev.pio_read(COM1_BASE + 5, 1, &mut lsr),
+            PioOutcome::Handled
+        );
+        assert!(
+            lsr.iter().all(|&b| b & 0x60 == 0x60 && b != 0xff),
+            "{lsr:x?}"
+        );
+        // A 16-bit read at 0x3fd covers LSR and MSR; at 0x3ff it runs off the UART into nothing.
+        let mut w = [0u8; 2];
+        dev.read(0x3ff, &mut w);
+        assert_eq!(w[1], 0xff);
+        // A 32-bit read at the top of the port space stops at 0xffff without wrapping.
+        let mut top = [0u8; 4];
+        assert_eq!(dev.read(0xfffe, &mut top), PioOutcome::Unclaimed);
+        assert_eq!(top, [0xff; 4]);
+        // Two 16-bit elements to the exit port: the first ends the VM.
+        assert_eq!(
+            dev.pio_write(DEBUG_EXIT_PORT, 2, &[5, 0, 6, 0]),
+            PioOutcome::ExitRequested(5)
+        );
+        // A wide write that reaches the i8042 command port with the reset command resets.
+        assert_eq!(dev.write(0x63, &[0, 0xfe]), PioOutcome::ResetRequested);
+        assert_eq!(dev.pio_write(0x1234, 4, &[0; 8]), PioOutcome::Unclaimed);
     }
 }

@@ -280,17 +280,14 @@ impl Vcpu {
 
     fn run_once(&mut self) {
         let mut debug_exit = DebugExit::None;
+        let mut pio = false;
         let result = self.fd.run();
         let handling_started = std::time::Instant::now();
         let key = crate::exit_stats::ExitKey::of(&result);
         let end = match result {
-            Ok(VcpuExit::IoOut(port, data)) => match self.devices.write(port, data) {
-                PioOutcome::ExitRequested(status) => Some(VmEnd::GuestExit(status)),
-                PioOutcome::ResetRequested => Some(VmEnd::GuestReset),
-                PioOutcome::Handled | PioOutcome::Unclaimed => None,
-            },
-            Ok(VcpuExit::IoIn(port, data)) => {
-                self.devices.read(port, data);
+            // Port I/O is served once `run`'s borrow of kvm_run ends: the access size is needed too.
+            Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => {
+                pio = true;
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -337,6 +334,7 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EAGAIN => None,
             Err(e) => Some(self.crash(format!("KVM_RUN failed: {e}"))),
         };
+        let end = if pio { self.serve_pio() } else { end };
         self.handle_debug_exit(debug_exit);
         if self.sample_request.take() {
             self.take_sample();
@@ -347,6 +345,35 @@ impl Vcpu {
         if let Some(end) = end {
             self.set_state(VcpuState::Exited);
             let _ = self.events.send(VcpuEvent::End(end));
+        }
+    }
+
+    /// Serves a `KVM_EXIT_IO`: `count` accesses of `size` bytes (`rep ins`/`outs` bring several in one exit, and
+    /// a 16- or 32-bit access to a byte-wide device covers several ports), so the size matters, not just the length.
+    fn serve_pio(&mut self) -> Option<VmEnd> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit just taken was KVM_EXIT_IO, so `io` is the union member KVM filled.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let len = io.size as usize * io.count as usize;
+        // SAFETY: KVM puts the I/O data at `data_offset` bytes into the kvm_run mapping (its PIO page), `count`
+        // accesses of `size` bytes, all inside that mapping, which lives as long as the vCPU fd; nothing else
+        // refers to it while this slice exists (the same slice kvm-ioctls hands out with the exit).
+        let data = unsafe {
+            std::slice::from_raw_parts_mut(
+                (run as *mut kvm_run as *mut u8).add(io.data_offset as usize),
+                len,
+            )
+        };
+        let size = io.size as usize;
+        let outcome = if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT {
+            self.devices.pio_write(io.port, size, data)
+        } else {
+            self.devices.pio_read(io.port, size, data)
+        };
+        match outcome {
+            PioOutcome::ExitRequested(status) => Some(VmEnd::GuestExit(status)),
+            PioOutcome::ResetRequested => Some(VmEnd::GuestReset),
+            PioOutcome::Handled | PioOutcome::Unclaimed => None,
         }
     }
 
