@@ -12,12 +12,18 @@ pub static PIT_PIC_WRITES: AtomicU64 = AtomicU64::new(0);
 
 #[inline(always)]
 pub fn outb(port: u16, v: u8) {
-    PORT_WRITES.fetch_add(1, Ordering::Relaxed);
-    if matches!(port, 0x20 | 0x21 | 0xa0 | 0xa1 | 0x40..=0x43) {
-        PIT_PIC_WRITES.fetch_add(1, Ordering::Relaxed);
-    }
+    count_port_writes(port, 1);
     unsafe {
         asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Counts `n` port writes to `port` (any width) for the `guest-io:` line.
+#[inline(always)]
+pub fn count_port_writes(port: u16, n: u64) {
+    PORT_WRITES.fetch_add(n, Ordering::Relaxed);
+    if matches!(port, 0x20 | 0x21 | 0xa0 | 0xa1 | 0x40..=0x43) {
+        PIT_PIC_WRITES.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -75,6 +81,13 @@ pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
 pub fn read_cr2() -> u64 {
     let v: u64;
     unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+#[inline(always)]
+pub fn read_cr3() -> u64 {
+    let v: u64;
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) }
     v
 }
 

@@ -1,5 +1,6 @@
 //! PVH start info and the command line: `work=NAME:WEIGHT,...`, `secs=N`, `hz=N`, `fault=MODE`, `cpus=N`,
-//! `slice_us=N`. Unknown options are reported and ignored.
+//! `slice_us=N`, and the hostile modes (`hostile=LIST`, `storm=N`, `irqs=N`, `irq_secs=N`, `seed=N`). Unknown
+//! options are reported and ignored.
 
 use crate::boot::phys;
 use crate::console::Line;
@@ -17,15 +18,31 @@ pub enum Fault {
     Int3,
     PageFault,
     UserPageFault,
+    Cr3PastRam,
+    Cr3Huge,
 }
 
-pub const FAULT_NAMES: [(&str, Fault); 6] = [
+pub const FAULT_NAMES: [(&str, Fault); 8] = [
     ("triple", Fault::Triple),
     ("mmio", Fault::Mmio),
     ("port", Fault::Port),
     ("int3", Fault::Int3),
     ("pagefault", Fault::PageFault),
     ("user-pagefault", Fault::UserPageFault),
+    ("cr3-past-ram", Fault::Cr3PastRam),
+    ("cr3-huge", Fault::Cr3Huge),
+];
+
+/// `hostile=` modes (a bit each); see hostile.rs.
+pub const HOSTILE_PORTS: u32 = 1;
+pub const HOSTILE_MMIO: u32 = 2;
+pub const HOSTILE_TIMER: u32 = 4;
+pub const HOSTILE_BADPT: u32 = 8;
+pub const HOSTILE_NAMES: [(&str, u32); 4] = [
+    ("ports", HOSTILE_PORTS),
+    ("mmio", HOSTILE_MMIO),
+    ("timer", HOSTILE_TIMER),
+    ("badpt", HOSTILE_BADPT),
 ];
 
 #[derive(Clone, Copy)]
@@ -38,6 +55,15 @@ pub struct Config {
     pub fault: Fault,
     /// Enter the kernel with `int 0x80` rather than `syscall`.
     pub int80: bool,
+    /// HOSTILE_* bits.
+    pub hostile: u32,
+    /// Accesses per port or MMIO storm.
+    pub storm: u64,
+    /// Timer interrupts the timer storm aims for, and its time bound in seconds.
+    pub irqs: u64,
+    pub irq_secs: u64,
+    /// Seed of the storms' random numbers.
+    pub seed: u64,
     pub n: usize,
     pub ids: [u64; NWORK],
     pub weights: [u64; NWORK],
@@ -51,10 +77,28 @@ impl Config {
         cpus: 0,
         fault: Fault::None,
         int80: true,
+        hostile: 0,
+        storm: 10_000,
+        irqs: 1_000_000,
+        irq_secs: 20,
+        seed: 1,
         n: 3,
-        ids: [USER_HOT_A, USER_HOT_B, USER_COLD, 0],
-        weights: [60, 30, 10, 0],
+        ids: [USER_HOT_A, USER_HOT_B, USER_COLD, 0, 0],
+        weights: [60, 30, 10, 0, 0],
     };
+}
+
+/// Every range of the PVH memory map (any type): the MMIO storm aims outside all of them.
+pub static mut MEMMAP: [(u64, u64); 16] = [(0, 0); 16];
+pub static mut MEMMAP_LEN: usize = 0;
+
+pub fn memmap() -> &'static [(u64, u64)] {
+    unsafe {
+        &*core::ptr::slice_from_raw_parts(
+            core::ptr::addr_of!(MEMMAP) as *const (u64, u64),
+            MEMMAP_LEN,
+        )
+    }
 }
 
 pub struct Boot {
@@ -109,6 +153,12 @@ pub fn read_start_info(pa: u64) -> Boot {
             let e = memmap_pa + i * 24;
             let (addr, size, ty) =
                 unsafe { (*phys::<u64>(e), *phys::<u64>(e + 8), *phys::<u32>(e + 16)) };
+            if i < 16 {
+                unsafe {
+                    MEMMAP[i as usize] = (addr, size);
+                    MEMMAP_LEN = i as usize + 1;
+                }
+            }
             let free = crate::paging::FREE_START;
             if ty == 1 && addr <= free && addr + size > free {
                 free_end = (addr + size).min(0x1_0000_0000);
@@ -217,6 +267,31 @@ pub fn parse(s: &[u8]) -> Config {
                 }
             }
             b"cpus" => c.cpus = number(v).unwrap_or_else(|| bad("cpus", v)),
+            b"hostile" => {
+                for m in v.split(|&b| b == b',').filter(|m| !m.is_empty()) {
+                    c.hostile |= HOSTILE_NAMES
+                        .iter()
+                        .find(|h| h.0.as_bytes() == m)
+                        .map(|h| h.1)
+                        .unwrap_or_else(|| bad("hostile", m));
+                }
+            }
+            b"storm" => {
+                c.storm = number(v)
+                    .filter(|&n| n <= 100_000_000)
+                    .unwrap_or_else(|| bad("storm", v))
+            }
+            b"irqs" => {
+                c.irqs = number(v)
+                    .filter(|&n| n <= 1_000_000_000)
+                    .unwrap_or_else(|| bad("irqs", v))
+            }
+            b"irq_secs" => {
+                c.irq_secs = number(v)
+                    .filter(|&s| (1..=300).contains(&s))
+                    .unwrap_or_else(|| bad("irq_secs", v))
+            }
+            b"seed" => c.seed = number(v).unwrap_or_else(|| bad("seed", v)),
             b"fault" => {
                 c.fault = FAULT_NAMES
                     .iter()

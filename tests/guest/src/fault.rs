@@ -8,6 +8,8 @@
 //! | `int3`           | `int3` in ring 0                                                 | #BP handler, exit 35      |
 //! | `pagefault`      | ring-0 read of unmapped 0xffffc0000dead000                       | #PF handler, exit 46      |
 //! | `user-pagefault` | the ring-3 worker reads unmapped 0xdead000                       | #PF handler, exit 46      |
+//! | `cr3-past-ram`   | loads CR3 with the first page past the end of RAM                | the VMM's crash report    |
+//! | `cr3-huge`       | loads CR3 with the highest page MAXPHYADDR allows                | the VMM's crash report    |
 
 use crate::arch::{exit, inb, outb};
 use crate::boot::phys;
@@ -55,6 +57,20 @@ pub fn run(f: Fault) {
         Fault::Int3 => {
             println("guest-fault: int3 in ring 0");
             unsafe { core::arch::asm!("int3", options(nomem, nostack)) };
+        }
+        Fault::Cr3PastRam | Fault::Cr3Huge => {
+            let pa = if f == Fault::Cr3PastRam {
+                crate::hostile::ram_end().next_multiple_of(4096)
+            } else {
+                (1u64 << crate::hostile::phys_bits()) - 4096
+            };
+            Line::new()
+                .s("guest-fault: loading cr3=")
+                .hex(pa)
+                .s(" (outside guest RAM)")
+                .print();
+            // Nothing maps the next instruction any more: whatever the CPU does next, the guest cannot go on.
+            unsafe { crate::arch::write_cr3(pa) };
         }
         Fault::PageFault => {
             Line::new()

@@ -170,9 +170,10 @@ fn report(f: &Frame) -> ! {
 
 #[no_mangle]
 extern "C" fn timer_interrupt() {
-    cpu::cpu(cpu::current())
+    let ticks = cpu::cpu(cpu::current())
         .ticks
         .fetch_add(1, Ordering::Relaxed);
+    crate::timer::storm_tick(ticks + 1);
     wrmsr(0x80b, 0); // EOI
 }
 

@@ -10,6 +10,7 @@ mod cmdline;
 mod console;
 mod cpu;
 mod fault;
+mod hostile;
 mod interrupts;
 mod mem;
 mod paging;
@@ -105,6 +106,10 @@ pub extern "C" fn kmain(start_info: u32) -> ! {
     l.print();
 
     fault::run(cfg.fault);
+    hostile::run(cfg, tsc_hz, lapic_hz);
+    if cfg.hostile & cmdline::HOSTILE_BADPT != 0 {
+        hostile::print_bad_tables();
+    }
 
     let mut l = Line::new();
     l.s("guest: workload start secs=")
@@ -161,6 +166,7 @@ fn run_worker(idx: usize) -> ! {
         weights: cfg.weights,
         fault: (cfg.fault == Fault::UserPageFault && idx == 0) as u64,
         int80: cfg.int80 as u64,
+        wild: hostile::wild_frames(idx),
     };
     unsafe {
         *phys::<UserConfig>(us.top_page + page_off(cfg_va)) = ucfg;

@@ -82,6 +82,9 @@ pub fn build_user_space() -> UserSpace {
             top_page = page;
         }
     }
+    if crate::config().hostile & crate::cmdline::HOSTILE_BADPT != 0 {
+        crate::hostile::add_bad_tables(pml4);
+    }
     UserSpace {
         cr3: pml4,
         top_page,

@@ -3,6 +3,30 @@
 
 use crate::arch::{cpuid, inb, outb, rdmsr, rdtsc, wrmsr};
 use crate::interrupts::TIMER_VECTOR;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Nonzero: the timer runs one-shot and the interrupt handler re-arms it with this count (`hostile=timer`), until
+/// the CPU's tick count reaches STORM_TARGET or the TSC passes STORM_DEADLINE; then the handler clears it. The
+/// handler decides, so the storm ends on time even when interrupts leave no room for anything else.
+pub static ONESHOT_REARM: AtomicU64 = AtomicU64::new(0);
+pub static STORM_TARGET: AtomicU64 = AtomicU64::new(0);
+pub static STORM_DEADLINE: AtomicU64 = AtomicU64::new(0);
+
+/// Called by the timer interrupt with the CPU's tick count (after this tick).
+#[inline(always)]
+pub fn storm_tick(ticks: u64) {
+    let rearm = ONESHOT_REARM.load(Ordering::Relaxed);
+    if rearm == 0 {
+        return;
+    }
+    if ticks < STORM_TARGET.load(Ordering::Relaxed)
+        && rdtsc() < STORM_DEADLINE.load(Ordering::Relaxed)
+    {
+        wrmsr(0x838, rearm);
+    } else {
+        ONESHOT_REARM.store(0, Ordering::Relaxed);
+    }
+}
 
 const PIT_HZ: u64 = 1_193_182;
 /// Calibration window: 1/CAL_DIV s, three times (the median wins).

@@ -10,12 +10,21 @@ use core::arch::asm;
 use core::hint::black_box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-pub const NWORK: usize = 4;
+pub const NWORK: usize = 5;
 pub const USER_HOT_A: u64 = 0;
 pub const USER_HOT_B: u64 = 1;
 pub const USER_COLD: u64 = 2;
 pub const KERNEL_SPIN: u64 = 3;
-pub const WORK_NAMES: [&str; NWORK] = ["user_hot_a", "user_hot_b", "user_cold", "kernel_spin"];
+pub const USER_WILD_STACK: u64 = 4;
+pub const WORK_NAMES: [&str; NWORK] = [
+    "user_hot_a",
+    "user_hot_b",
+    "user_cold",
+    "kernel_spin",
+    "user_wild_stack",
+];
+/// Frame-pointer values `user_wild_stack` runs with, filled in by the kernel (see `wild_frames` in main.rs).
+pub const NWILD: usize = 20;
 
 pub const SYS_WRITE: u64 = 1;
 pub const SYS_EXIT: u64 = 2;
@@ -43,6 +52,14 @@ pub struct UserConfig {
     pub fault: u64,
     /// Nonzero: enter the kernel with `int 0x80` instead of `syscall`.
     pub int80: u64,
+    /// Garbage frame pointers for `user_wild_stack` (kernel addresses among them: ring-3 code must not name any).
+    pub wild: [u64; NWILD],
+}
+
+/// A work-function id as an index that needs no bounds check (ring-3 code cannot reach the kernel's panic).
+#[inline(always)]
+fn wid(id: u64) -> usize {
+    (id % NWORK as u64) as usize
 }
 
 /// Per-function totals, indexed by function id; passed back with SYS_DONE.
@@ -211,6 +228,8 @@ fn run_one(id: u64, ticks: u64) -> u64 {
         user_hot_b(ticks)
     } else if id == KERNEL_SPIN {
         user_enter_kernel_spin(ticks)
+    } else if id == USER_WILD_STACK {
+        user_wild_stack(ticks)
     } else {
         user_cold(ticks)
     }
@@ -222,10 +241,7 @@ fn pick(cfg: &UserConfig, res: &UserResult, n: usize) -> usize {
     let mut best = 0usize;
     let mut i = 1usize;
     while i < n {
-        let (si, sb) = (
-            res.spent[(cfg.ids[i] & 3) as usize],
-            res.spent[(cfg.ids[best] & 3) as usize],
-        );
+        let (si, sb) = (res.spent[wid(cfg.ids[i])], res.spent[wid(cfg.ids[best])]);
         if (si as u128) * (cfg.weights[best] as u128) < (sb as u128) * (cfg.weights[i] as u128) {
             best = i;
         }
@@ -241,13 +257,13 @@ fn balanced(cfg: &UserConfig, res: &UserResult, n: usize, inv_tol: u128) -> bool
     let (mut total, mut wsum) = (0u128, 0u128);
     let mut i = 0usize;
     while i < n {
-        total += res.spent[(cfg.ids[i] & 3) as usize] as u128;
+        total += res.spent[wid(cfg.ids[i])] as u128;
         wsum += cfg.weights[i] as u128;
         i += 1;
     }
     let mut i = 0usize;
     while i < n {
-        let a = res.spent[(cfg.ids[i] & 3) as usize] as u128 * wsum;
+        let a = res.spent[wid(cfg.ids[i])] as u128 * wsum;
         let b = cfg.weights[i] as u128 * total;
         let dev = a.abs_diff(b);
         if dev * inv_tol > total * wsum {
@@ -260,7 +276,7 @@ fn balanced(cfg: &UserConfig, res: &UserResult, n: usize, inv_tol: u128) -> bool
 
 #[inline(always)]
 fn run_slice(cfg: &UserConfig, res: &mut UserResult, best: usize, ticks: u64) {
-    let id = cfg.ids[best & 3] & 3;
+    let id = wid(cfg.ids[best % NWORK]) as u64;
     let t0 = urdtsc();
     black_box(run_one(id, ticks));
     let t1 = urdtsc();
@@ -275,13 +291,13 @@ fn deficit(cfg: &UserConfig, res: &UserResult, n: usize, best: usize) -> u64 {
     let (mut total, mut wsum) = (0u64, 0u64);
     let mut i = 0usize;
     while i < n {
-        total += res.spent[(cfg.ids[i] & 3) as usize];
+        total += res.spent[wid(cfg.ids[i])];
         wsum += cfg.weights[i];
         i += 1;
     }
     let (s, w) = (
-        res.spent[(cfg.ids[best & 3] & 3) as usize],
-        cfg.weights[best & 3],
+        res.spent[wid(cfg.ids[best % NWORK])],
+        cfg.weights[best % NWORK],
     );
     if wsum <= w || w * total <= s * wsum {
         return 0;
@@ -298,6 +314,11 @@ fn deficit(cfg: &UserConfig, res: &UserResult, n: usize, best: usize) -> u64 {
 #[link_section = ".user.text"]
 pub extern "C" fn user_main(cfg: &UserConfig) -> ! {
     USE_INT80.store(cfg.int80, Ordering::Relaxed);
+    let mut i = 0;
+    while i < NWILD {
+        WILD[i].store(cfg.wild[i], Ordering::Relaxed);
+        i += 1;
+    }
     unsafe { sys(SYS_WRITE, STARTED.as_ptr() as u64, STARTED.len() as u64, 0) };
     if cfg.fault != 0 {
         let v = unsafe { core::ptr::read_volatile(USER_FAULT_ADDR as *const u64) };
@@ -368,4 +389,158 @@ pub extern "C" fn user_main(cfg: &UserConfig) -> ! {
     loop {
         core::hint::spin_loop();
     }
+}
+
+/// Copied from UserConfig::wild at start.
+#[link_section = ".user.data"]
+static WILD: [AtomicU64; NWILD] = [const { AtomicU64::new(0) }; NWILD];
+/// Which wild frame `user_wild_stack` uses next (shared by all CPUs; races only change the order).
+#[link_section = ".user.data"]
+static WILD_NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// xorshift rounds per wild frame: about 100 µs at ring-3 speed, so each frame gets samples at 1 kHz.
+const WILD_SPIN_ITERS: u64 = 100_000;
+/// Fake frames in the deep chain: more than any walker's depth limit (perf's is 127).
+const DEEP_FRAMES: usize = 200;
+
+/// Spins with `rbp` = `frame` (anything at all); no memory access while it holds the garbage.
+#[no_mangle]
+#[inline(never)]
+#[link_section = ".user.text"]
+pub extern "C" fn user_wild_spin(frame: u64, iters: u64) -> u64 {
+    let mut x = frame | 1;
+    unsafe {
+        asm!(
+            "push rbp",
+            "mov rbp, {f}",
+            "2:",
+            "mov {t}, {x}",
+            "shl {t}, 13",
+            "xor {x}, {t}",
+            "mov {t}, {x}",
+            "shr {t}, 7",
+            "xor {x}, {t}",
+            "mov {t}, {x}",
+            "shl {t}, 17",
+            "xor {x}, {t}",
+            "dec {n}",
+            "jnz 2b",
+            "pop rbp",
+            f = in(reg) frame,
+            n = inout(reg) iters.max(1) => _,
+            x = inout(reg) x,
+            t = out(reg) _,
+        );
+    }
+    x
+}
+
+/// Overwrites its own saved frame pointer and return address with garbage, spins in a callee (whose frame chain
+/// leads into the garbage), then puts both back before returning.
+#[no_mangle]
+#[inline(never)]
+#[link_section = ".user.text"]
+pub extern "C" fn user_wild_frame(garbage: u64, iters: u64) -> u64 {
+    let fp: u64;
+    unsafe { asm!("mov {}, rbp", out(reg) fp, options(nomem, nostack, preserves_flags)) };
+    let slots = fp as *mut u64;
+    let (saved, ret) = unsafe {
+        (
+            core::ptr::read_volatile(slots),
+            core::ptr::read_volatile(slots.add(1)),
+        )
+    };
+    unsafe {
+        core::ptr::write_volatile(slots, garbage);
+        core::ptr::write_volatile(slots.add(1), garbage ^ 0x5a5a);
+    }
+    let r = user_plain_spin(iters);
+    unsafe {
+        core::ptr::write_volatile(slots, saved);
+        core::ptr::write_volatile(slots.add(1), ret);
+    }
+    black_box(r) ^ 4
+}
+
+/// A spin with an ordinary frame (for `user_wild_frame`). The loop is in asm so the compiler does not unroll it
+/// with masks that look like kernel addresses to guest_elf.rs's scan.
+#[no_mangle]
+#[inline(never)]
+#[link_section = ".user.text"]
+pub extern "C" fn user_plain_spin(iters: u64) -> u64 {
+    let mut x = iters | 1;
+    unsafe {
+        asm!(
+            "2:",
+            "mov {t}, {x}",
+            "shl {t}, 13",
+            "xor {x}, {t}",
+            "mov {t}, {x}",
+            "shr {t}, 7",
+            "xor {x}, {t}",
+            "dec {n}",
+            "jnz 2b",
+            n = inout(reg) iters.max(1) => _,
+            x = inout(reg) x,
+            t = out(reg) _,
+            options(nomem, nostack),
+        );
+    }
+    black_box(x) ^ 5
+}
+
+/// The hostile ring-3 workload: until `ticks` pass, spins with the frame pointer set to one garbage value after
+/// another (unmapped, non-canonical, misaligned, kernel addresses, page tables pointing outside guest RAM), on a
+/// stack frame that points to itself, at the bottom of a 200-frame chain, and with its own saved frame rewritten.
+/// A frame-pointer walker sampling it must end every chain cleanly.
+#[no_mangle]
+#[inline(never)]
+#[link_section = ".user.text"]
+pub extern "C" fn user_wild_stack(ticks: u64) -> u64 {
+    let end = urdtsc() + ticks;
+    let mut acc = 0u64;
+    loop {
+        let k = (WILD_NEXT.fetch_add(1, Ordering::Relaxed) % (NWILD as u64 + 3)) as usize;
+        if k < NWILD {
+            acc ^= user_wild_spin(WILD[k].load(Ordering::Relaxed), WILD_SPIN_ITERS);
+        } else if k == NWILD {
+            // A frame whose saved frame pointer is itself.
+            let mut frame = core::mem::MaybeUninit::<[u64; 2]>::uninit();
+            let at = frame.as_mut_ptr() as *mut u64;
+            unsafe {
+                core::ptr::write_volatile(at, at as u64);
+                core::ptr::write_volatile(at.add(1), user_wild_stack as *const () as u64);
+            }
+            acc ^= user_wild_spin(black_box(at) as u64, WILD_SPIN_ITERS);
+        } else if k == NWILD + 1 {
+            // A chain deeper than any walker goes, every frame 16 bytes above the last. (Not zero-initialised:
+            // that would call the kernel's memset.)
+            let mut chain = core::mem::MaybeUninit::<[u64; 2 * DEEP_FRAMES]>::uninit();
+            let at = chain.as_mut_ptr() as *mut u64;
+            let mut i = 0;
+            while i < DEEP_FRAMES {
+                let next = if i + 1 < DEEP_FRAMES {
+                    unsafe { at.add(2 * (i + 1)) as u64 }
+                } else {
+                    0
+                };
+                unsafe {
+                    core::ptr::write_volatile(at.add(2 * i), next);
+                    core::ptr::write_volatile(
+                        at.add(2 * i + 1),
+                        user_leaf as *const () as u64 + i as u64,
+                    );
+                }
+                i += 1;
+            }
+            acc ^= user_wild_spin(black_box(at) as u64, WILD_SPIN_ITERS);
+        } else {
+            let g = WILD[(acc % NWILD as u64) as usize].load(Ordering::Relaxed);
+            acc ^= user_wild_frame(g, WILD_SPIN_ITERS);
+        }
+        if urdtsc() >= end {
+            break;
+        }
+    }
+    acc
 }
