@@ -126,31 +126,55 @@ pub struct VcpuExitStats {
     pub by_key: Vec<(ExitKey, ExitAgg)>,
 }
 
+/// Distinct MMIO addresses one vCPU's table keeps. The guest picks the addresses, and a table keyed by every one of
+/// them would grow without bound (a guest storming random addresses added ~80 bytes per exit, and an `exit_stats`
+/// reply of megabytes); exits at further addresses are counted under `MMIO_OTHER_ADDR`.
+pub const MAX_MMIO_KEYS: usize = 1024;
+/// The address key of MMIO exits beyond `MAX_MMIO_KEYS` distinct addresses ("all other addresses").
+pub const MMIO_OTHER_ADDR: u64 = u64::MAX;
+
 /// The live tables of every vCPU.
 #[derive(Debug, Default)]
-pub struct ExitTable(Mutex<HashMap<ExitKey, ExitAgg>>);
+pub struct ExitTable(Mutex<Table>);
+
+#[derive(Debug, Default)]
+struct Table {
+    map: HashMap<ExitKey, ExitAgg>,
+    mmio_keys: usize,
+}
 
 impl ExitTable {
     pub fn record(&self, key: ExitKey, ns: u64) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .add(ns);
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = match key {
+            ExitKey::MmioRead(a) | ExitKey::MmioWrite(a)
+                if a != MMIO_OTHER_ADDR && !t.map.contains_key(&key) =>
+            {
+                if t.mmio_keys < MAX_MMIO_KEYS {
+                    t.mmio_keys += 1;
+                    key
+                } else if matches!(key, ExitKey::MmioRead(_)) {
+                    ExitKey::MmioRead(MMIO_OTHER_ADDR)
+                } else {
+                    ExitKey::MmioWrite(MMIO_OTHER_ADDR)
+                }
+            }
+            _ => key,
+        };
+        t.map.entry(key).or_default().add(ns);
     }
 
     pub fn snapshot(&self) -> VcpuExitStats {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut by_key: Vec<_> = map.iter().map(|(k, v)| (*k, *v)).collect();
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut by_key: Vec<_> = t.map.iter().map(|(k, v)| (*k, *v)).collect();
         by_key.sort_by_key(|(k, _)| *k);
         VcpuExitStats { by_key }
     }
 
     /// Snapshot and zero under one lock, so that no exit falls between the read and the reset.
     pub fn take(&self) -> VcpuExitStats {
-        let map = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut by_key: Vec<_> = map.into_iter().collect();
+        let t = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut by_key: Vec<_> = t.map.into_iter().collect();
         by_key.sort_by_key(|(k, _)| *k);
         VcpuExitStats { by_key }
     }
@@ -168,6 +192,34 @@ mod tests {
         t.record(ExitKey::IoOut(0xf4), 7);
         assert_eq!(t.take().by_key.len(), 1);
         assert!(t.snapshot().by_key.is_empty());
+    }
+
+    #[test]
+    fn guest_chosen_mmio_addresses_cannot_grow_the_table_without_bound() {
+        let t = ExitTable::default();
+        for a in 0..(MAX_MMIO_KEYS as u64 + 500) {
+            t.record(ExitKey::MmioRead(0xd000_0000 + a * 8), 1);
+            t.record(ExitKey::MmioWrite(0x1_0000_0000 + a * 8), 1);
+        }
+        // An address already in the table keeps its own key after the cap.
+        t.record(ExitKey::MmioRead(0xd000_0000), 1);
+        t.record(ExitKey::IoOut(0x3f8), 1);
+        let s = t.snapshot();
+        assert_eq!(s.by_key.len(), MAX_MMIO_KEYS + 2 + 1);
+        let count = |k: ExitKey| s.by_key.iter().find(|(x, _)| *x == k).map(|(_, a)| a.count);
+        assert_eq!(count(ExitKey::MmioRead(0xd000_0000)), Some(2));
+        let other_r = count(ExitKey::MmioRead(MMIO_OTHER_ADDR)).unwrap();
+        let other_w = count(ExitKey::MmioWrite(MMIO_OTHER_ADDR)).unwrap();
+        let recorded = 2 * (MAX_MMIO_KEYS + 500);
+        assert_eq!(
+            (other_r + other_w) as usize,
+            recorded - MAX_MMIO_KEYS,
+            "every exit past the cap is counted"
+        );
+        // take() starts a fresh table with a fresh allowance.
+        assert_eq!(t.take().by_key.len(), MAX_MMIO_KEYS + 3);
+        t.record(ExitKey::MmioRead(0x1234), 1);
+        assert_eq!(t.snapshot().by_key[0].0, ExitKey::MmioRead(0x1234));
     }
 
     #[test]

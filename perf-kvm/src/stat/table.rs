@@ -65,6 +65,13 @@ pub fn row_name(key: &ExitKey, event: StatEvent) -> Option<String> {
         (StatEvent::Vmexit, k) => Some(k.reason_name().to_string()),
         (StatEvent::Ioport, ExitKey::IoOut(port)) => Some(format!("{port:#x}:POUT")),
         (StatEvent::Ioport, ExitKey::IoIn(port)) => Some(format!("{port:#x}:PIN")),
+        // The VMM folds MMIO exits past its per-vCPU limit of distinct addresses into one key.
+        (StatEvent::Mmio, ExitKey::MmioWrite(vmm::exit_stats::MMIO_OTHER_ADDR)) => {
+            Some("other:W".to_string())
+        }
+        (StatEvent::Mmio, ExitKey::MmioRead(vmm::exit_stats::MMIO_OTHER_ADDR)) => {
+            Some("other:R".to_string())
+        }
         (StatEvent::Mmio, ExitKey::MmioWrite(addr)) => Some(format!("{addr:#x}:W")),
         (StatEvent::Mmio, ExitKey::MmioRead(addr)) => Some(format!("{addr:#x}:R")),
         _ => None,
@@ -326,6 +333,19 @@ mod tests {
                 ],
             },
         ]
+    }
+
+    #[test]
+    fn mmio_overflow_key_is_named_other() {
+        let other = vmm::exit_stats::MMIO_OTHER_ADDR;
+        assert_eq!(
+            row_name(&ExitKey::MmioRead(other), StatEvent::Mmio).as_deref(),
+            Some("other:R")
+        );
+        assert_eq!(
+            row_name(&ExitKey::MmioWrite(0xd000_0000), StatEvent::Mmio).as_deref(),
+            Some("0xd0000000:W")
+        );
     }
 
     #[test]
