@@ -7,7 +7,7 @@
 //! both); on PVM hosts the rate is far lower (see docs/test-guest.md), so it stops at the time bound.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -62,12 +62,8 @@ fn num(fields: &HashMap<String, String>, key: &str) -> u64 {
 }
 
 /// The guest finished its workload normally: exit 0 and the overall truth line near the weights.
-fn assert_truth(out: &Output, all: &str, weights: &[(&str, f64)]) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "guest did not finish cleanly:\n{all}"
-    );
+fn assert_truth(code: Option<i32>, all: &str, weights: &[(&str, f64)]) {
+    assert_eq!(code, Some(0), "guest did not finish cleanly:\n{all}");
     let line = all
         .lines()
         .find_map(|l| l.strip_prefix("guest-truth: "))
@@ -114,14 +110,27 @@ fn port_io_storm_then_the_guest_runs_to_its_truth() {
         all.contains("\nguest-hostile: ports line written with rep outsb\n"),
         "{all}"
     );
-    assert_truth(&out, &all, &[("user_hot_a", 60.0), ("user_hot_b", 40.0)]);
+    assert_truth(
+        out.status.code(),
+        &all,
+        &[("user_hot_a", 60.0), ("user_hot_b", 40.0)],
+    );
 }
 
 #[test]
 fn mmio_storm_outside_ram_below_and_above_4g_completes_every_access() {
-    let (out, all) =
-        run_vmm("hostile=mmio storm=4000 seed=5 work=user_hot_a:60,user_hot_b:40 secs=1");
-    let f = hostile_line(&all, "mmio");
+    let dir = scratch("mmio");
+    let sock = dir.join("vm.sock");
+    let vmm = LiveVmm::start(
+        &[
+            "--cmdline",
+            "hostile=mmio storm=4000 seed=5 work=user_hot_a:60,user_hot_b:40 secs=2",
+            "--control",
+            sock.to_str().unwrap(),
+        ],
+        "guest-user: worker started",
+    );
+    let f = hostile_line(&vmm.early, "mmio");
     assert!(
         num(&f, "below_4g") > 1000 && num(&f, "above_4g") > 1000,
         "{f:?}"
@@ -136,7 +145,28 @@ fn mmio_storm_outside_ram_below_and_above_4g_completes_every_access() {
     // The highest window sits at the top of the guest's physical address space.
     let bits = num(&f, "phys_bits");
     assert_eq!(num(&f, "top_window"), (1u64 << bits) - (2 << 20), "{f:?}");
-    assert_truth(&out, &all, &[("user_hot_a", 60.0), ("user_hot_b", 40.0)]);
+    // The VMM's exit accounting saw every access but keeps a bounded number of addresses.
+    let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    writeln!(conn, r#"{{"v":1,"cmd":"exit_stats"}}"#).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&conn).read_line(&mut reply).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let keys = v["exit_stats"][0]["by_key"].as_array().unwrap();
+    let mmio: Vec<_> = keys
+        .iter()
+        .filter(|k| k[0]["reason"].as_str().unwrap().starts_with("mmio"))
+        .collect();
+    let exits: u64 = mmio.iter().map(|k| k[1]["count"].as_u64().unwrap()).sum();
+    assert!(
+        mmio.len() <= vmm::exit_stats::MAX_MMIO_KEYS + 2,
+        "{} MMIO keys",
+        mmio.len()
+    );
+    assert!(exits >= num(&f, "accesses"), "{exits} MMIO exits for {f:?}");
+    let (code, all) = vmm.finish();
+    assert!(!all.contains("panicked"), "{all}");
+    assert_truth(code, &all, &[("user_hot_a", 60.0), ("user_hot_b", 40.0)]);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -183,7 +213,11 @@ fn timer_interrupt_storm_ends_by_count_or_time_and_the_workload_goes_on() {
         ticks <= hz * 2,
         "workload ticks include the storm's: {ticks}"
     );
-    assert_truth(&out, &all, &[("user_hot_a", 60.0), ("user_hot_b", 40.0)]);
+    assert_truth(
+        out.status.code(),
+        &all,
+        &[("user_hot_a", 60.0), ("user_hot_b", 40.0)],
+    );
 }
 
 fn scratch(name: &str) -> PathBuf {
