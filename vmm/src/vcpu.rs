@@ -25,6 +25,8 @@ use crate::sampler::{
 use crate::{GuestMode, GuestRegisters, Sample};
 
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// Where x86 KVM puts port-I/O data in the kvm_run mapping (KVM_PIO_PAGE_OFFSET = 1 page), and its size.
+const PIO_PAGE_SIZE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -355,9 +357,19 @@ impl Vcpu {
         // SAFETY: the exit just taken was KVM_EXIT_IO, so `io` is the union member KVM filled.
         let io = unsafe { run.__bindgen_anon_1.io };
         let len = io.size as usize * io.count as usize;
-        // SAFETY: KVM puts the I/O data at `data_offset` bytes into the kvm_run mapping (its PIO page), `count`
-        // accesses of `size` bytes, all inside that mapping, which lives as long as the vCPU fd; nothing else
-        // refers to it while this slice exists (the same slice kvm-ioctls hands out with the exit).
+        // KVM's own limits (1, 2 or 4 bytes; the data fits its one PIO page): anything else is not read or written.
+        if !matches!(io.size, 1 | 2 | 4)
+            || len > PIO_PAGE_SIZE
+            || io.data_offset as usize != PIO_PAGE_SIZE
+        {
+            return Some(self.crash(format!(
+                "KVM_EXIT_IO with size {} count {} at data offset {:#x}, outside KVM's PIO page",
+                io.size, io.count, io.data_offset
+            )));
+        }
+        // SAFETY: checked above: the data lies in the PIO page, the second page of the kvm_run mapping (which x86
+        // KVM always maps, at least three pages), and lives as long as the vCPU fd; nothing else refers to it while
+        // this slice exists (the same slice kvm-ioctls hands out with the exit).
         let data = unsafe {
             std::slice::from_raw_parts_mut(
                 (run as *mut kvm_run as *mut u8).add(io.data_offset as usize),
