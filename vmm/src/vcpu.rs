@@ -156,6 +156,9 @@ impl Vcpu {
 
     /// The thread body. Returns when the VM ends or an `Exit` request arrives.
     pub fn run(mut self) {
+        // Unregisters the kick target even when this thread panics: the guard drops before `self` (and with it
+        // the kvm_run mapping the pointer points into).
+        let _unregister = ImmediateExitRegistration;
         kick::register_immediate_exit(immediate_exit_ptr(self.fd.get_kvm_run()));
         if self.use_sync_regs {
             self.fd.get_kvm_run().kvm_valid_regs = (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS) as u64;
@@ -177,7 +180,6 @@ impl Vcpu {
             }
             self.run_once();
         }
-        kick::register_immediate_exit(std::ptr::null_mut());
     }
 
     fn serve(&mut self, req: VcpuRequest) {
@@ -526,7 +528,8 @@ impl Vcpu {
                 .map_err(self.ioctl_err("KVM_SET_VCPU_EVENTS"));
         }
         let mut regs = self.fd.get_regs().map_err(self.ioctl_err("KVM_GET_REGS"))?;
-        regs.rip += 1;
+        // An fwait in the address space's last byte is followed by address 0, as on the CPU.
+        regs.rip = regs.rip.wrapping_add(1);
         self.fd
             .set_regs(&regs)
             .map_err(self.ioctl_err("KVM_SET_REGS"))
@@ -535,7 +538,8 @@ impl Vcpu {
     /// Delivers a CPL0 `int3` that the host reported as an emulation failure to the guest as #BP.
     fn inject_breakpoint(&mut self) -> Result<(), VcpuError> {
         let mut regs = self.fd.get_regs().map_err(self.ioctl_err("KVM_GET_REGS"))?;
-        regs.rip += 1;
+        // The guest picks where its int3 is: one in the address space's last byte returns to address 0.
+        regs.rip = regs.rip.wrapping_add(1);
         self.fd
             .set_regs(&regs)
             .map_err(self.ioctl_err("KVM_SET_REGS"))?;
@@ -612,6 +616,15 @@ impl Vcpu {
             .debug
             .report_if_attached(event, || self.set_state(VcpuState::Paused));
         (!held).then_some(end)
+    }
+}
+
+/// Clears this thread's kick target when dropped.
+struct ImmediateExitRegistration;
+
+impl Drop for ImmediateExitRegistration {
+    fn drop(&mut self) {
+        kick::register_immediate_exit(std::ptr::null_mut());
     }
 }
 

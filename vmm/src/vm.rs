@@ -441,13 +441,33 @@ impl Vm {
                 cpu_credit: Default::default(),
             };
             let (kicker_tx, kicker_rx) = mpsc::channel();
+            let (panic_events, panic_state) = (event_tx.clone(), state.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() } as u32;
                     let _ = kicker_tx.send((Kicker::current(), tid));
-                    vcpu.run();
+                    // A VMM bug on this thread must end the VM with a diagnostic, not leave it waiting for a vCPU
+                    // that is gone.
+                    let run = std::panic::AssertUnwindSafe(move || vcpu.run());
+                    if let Err(panic) = std::panic::catch_unwind(run) {
+                        panic_state.store(
+                            VcpuState::Exited as u8,
+                            std::sync::atomic::Ordering::Release,
+                        );
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        let reason = format!("VMM bug: the vCPU thread panicked: {what}");
+                        let _ = panic_events.send(VcpuEvent::End(VmEnd::Crash {
+                            vcpu: id,
+                            report: format!("vCPU {id}: {reason}"),
+                            reason,
+                        }));
+                    }
                 })
                 .map_err(VmError::Thread)?;
             let (kicker, tid) = kicker_rx
