@@ -537,3 +537,13 @@ fn cr3_outside_ram_ends_with_a_crash_report_under_record_and_gdb() {
     assert!(code.is_some(), "killed by a signal");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `int3` in the last byte of the address space: the instruction after it is at 0. On PVM hosts the VMM delivers the
+/// #BP itself (RIP + 1 wrapped; an overflow panic before) and, should a vCPU thread ever panic, the VM now ends with a
+/// report instead of hanging.
+#[test]
+fn int3_at_the_top_of_the_address_space_reaches_the_guest() {
+    let (out, all) = run_vmm("fault=int3-top");
+    assert_eq!(out.status.code(), Some(35), "{all}");
+    assert!(all.contains("vector=3 #BP rip=0x0 "), "{all}");
+}

@@ -20,9 +20,10 @@ pub enum Fault {
     UserPageFault,
     Cr3PastRam,
     Cr3Huge,
+    Int3Top,
 }
 
-pub const FAULT_NAMES: [(&str, Fault); 8] = [
+pub const FAULT_NAMES: [(&str, Fault); 9] = [
     ("triple", Fault::Triple),
     ("mmio", Fault::Mmio),
     ("port", Fault::Port),
@@ -31,6 +32,7 @@ pub const FAULT_NAMES: [(&str, Fault); 8] = [
     ("user-pagefault", Fault::UserPageFault),
     ("cr3-past-ram", Fault::Cr3PastRam),
     ("cr3-huge", Fault::Cr3Huge),
+    ("int3-top", Fault::Int3Top),
 ];
 
 /// `hostile=` modes (a bit each); see hostile.rs.

@@ -10,6 +10,7 @@
 //! | `user-pagefault` | the ring-3 worker reads unmapped 0xdead000                       | #PF handler, exit 46      |
 //! | `cr3-past-ram`   | loads CR3 with the first page past the end of RAM                | the VMM's crash report    |
 //! | `cr3-huge`       | loads CR3 with the highest page MAXPHYADDR allows                | the VMM's crash report    |
+//! | `int3-top`       | `int3` in ring 0 at the very last byte of the address space      | #BP handler (rip=0), exit 35 |
 
 use crate::arch::{exit, inb, outb};
 use crate::boot::phys;
@@ -71,6 +72,24 @@ pub fn run(f: Fault) {
                 .print();
             // Nothing maps the next instruction any more: whatever the CPU does next, the guest cannot go on.
             unsafe { crate::arch::write_cr3(pa) };
+        }
+        Fault::Int3Top => {
+            // Map a RAM page at the top 4 KiB of the address space (PML4[511] → PDPT[511] → a new PD → a new PT),
+            // put `int3` in its last byte and jump there: the instruction after it is at address 0.
+            use crate::paging::alloc_page;
+            let table = |pa: u64| unsafe { &mut *phys::<[u64; 512]>(pa) };
+            let pml4 = crate::arch::read_cr3() & !0xfff;
+            let pdpt = table(pml4)[511] & 0x000f_ffff_ffff_f000;
+            let (pd, pt, page) = (alloc_page(), alloc_page(), alloc_page());
+            table(pt)[511] = page | 3;
+            table(pd)[511] = pt | 3;
+            table(pdpt)[511] = pd | 3;
+            unsafe {
+                *phys::<u8>(page + 0xfff) = 0xcc;
+                crate::arch::write_cr3(crate::arch::read_cr3());
+            }
+            println("guest-fault: int3 at 0xffffffffffffffff in ring 0");
+            unsafe { core::arch::asm!("jmp {}", in(reg) u64::MAX, options(nomem, nostack)) };
         }
         Fault::PageFault => {
             Line::new()
