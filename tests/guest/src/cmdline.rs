@@ -40,11 +40,13 @@ pub const HOSTILE_PORTS: u32 = 1;
 pub const HOSTILE_MMIO: u32 = 2;
 pub const HOSTILE_TIMER: u32 = 4;
 pub const HOSTILE_BADPT: u32 = 8;
-pub const HOSTILE_NAMES: [(&str, u32); 4] = [
+pub const HOSTILE_USER_MMIO: u32 = 16;
+pub const HOSTILE_NAMES: [(&str, u32); 5] = [
     ("ports", HOSTILE_PORTS),
     ("mmio", HOSTILE_MMIO),
     ("timer", HOSTILE_TIMER),
     ("badpt", HOSTILE_BADPT),
+    ("user-mmio", HOSTILE_USER_MMIO),
 ];
 
 #[derive(Clone, Copy)]

@@ -399,6 +399,49 @@ fn mmio_storm(n: u64, seed: u64) {
         .print();
 }
 
+/// Where `hostile=user-mmio` maps its user-accessible windows: PML4[5].
+pub const USER_MMIO_VA: u64 = 5 << 39;
+
+/// Maps `USER_MMIO_WINDOWS` 2 MiB user pages at USER_MMIO_VA: half at 0xd0000000 and up (below 4 GiB, outside
+/// RAM when RAM is smaller than 3 GiB), half at 1 TiB and up.
+pub fn add_user_mmio_windows(pml4: u64) {
+    use crate::paging::alloc_page;
+    use crate::user::USER_MMIO_WINDOWS;
+    let (pdpt, pd) = (alloc_page(), alloc_page());
+    unsafe {
+        (*phys::<[u64; 512]>(pml4))[5] = pdpt | 7;
+        (*phys::<[u64; 512]>(pdpt))[0] = pd | 7;
+        for w in 0..USER_MMIO_WINDOWS {
+            let half = USER_MMIO_WINDOWS / 2;
+            let frame = if w < half {
+                0xd000_0000 + w * TWO_MIB
+            } else {
+                (1 << 40) + (w - half) * TWO_MIB
+            };
+            (*phys::<[u64; 512]>(pd))[w as usize] = frame | 0x87; // present, writable, user, 2 MiB
+        }
+    }
+}
+
+/// SYS_USER_MMIO_DONE: prints what the ring-3 MMIO storm did.
+pub fn user_mmio_report(reads: u64, ones: u64, ticks: u64) {
+    let cfg = crate::config();
+    let tsc_hz = crate::TSC_HZ.load(Ordering::Relaxed).max(1);
+    let us = ticks / (tsc_hz / 1_000_000).max(1);
+    Line::new()
+        .s("guest-hostile: user-mmio accesses=")
+        .dec(cfg.storm)
+        .s(" reads=")
+        .dec(reads)
+        .s(" all_ones_reads=")
+        .dec(ones)
+        .s(" us=")
+        .dec(us)
+        .s(" us_per_access=")
+        .dec(us / cfg.storm.max(1))
+        .print();
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Timer interrupts
 

@@ -167,6 +167,13 @@ fn run_worker(idx: usize) -> ! {
         fault: (cfg.fault == Fault::UserPageFault && idx == 0) as u64,
         int80: cfg.int80 as u64,
         wild: hostile::wild_frames(idx),
+        mmio_accesses: if cfg.hostile & cmdline::HOSTILE_USER_MMIO != 0 && idx == 0 {
+            cfg.storm
+        } else {
+            0
+        },
+        mmio_va: hostile::USER_MMIO_VA,
+        mmio_seed: cfg.seed,
     };
     unsafe {
         *phys::<UserConfig>(us.top_page + page_off(cfg_va)) = ucfg;

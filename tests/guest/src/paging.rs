@@ -85,6 +85,9 @@ pub fn build_user_space() -> UserSpace {
     if crate::config().hostile & crate::cmdline::HOSTILE_BADPT != 0 {
         crate::hostile::add_bad_tables(pml4);
     }
+    if crate::config().hostile & crate::cmdline::HOSTILE_USER_MMIO != 0 {
+        crate::hostile::add_user_mmio_windows(pml4);
+    }
     UserSpace {
         cr3: pml4,
         top_page,

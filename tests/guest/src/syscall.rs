@@ -7,9 +7,10 @@
 //! | 2  | exit            | status        | exits the VM with `status`                                   |
 //! | 3  | kernel_spin     | ticks         | runs `kernel_spin(ticks)` in ring 0, interrupts enabled      |
 //! | 4  | done            | &UserResult   | the worker has finished: records the result, never returns    |
+//! | 5  | user_mmio_done  | reads, ones, ticks | `hostile=user-mmio` finished: prints its line             |
 
 use crate::arch::{cli, sti};
-use crate::user::{UserResult, SYS_DONE, SYS_EXIT, SYS_KERNEL_SPIN, SYS_WRITE};
+use crate::user::{UserResult, SYS_DONE, SYS_EXIT, SYS_KERNEL_SPIN, SYS_USER_MMIO_DONE, SYS_WRITE};
 
 extern "C" {
     fn syscall_entry();
@@ -90,6 +91,10 @@ pub extern "C" fn syscall_dispatch(a0: u64, a1: u64, _a2: u64, nr: u64) -> u64 {
             let r = crate::workload::kernel_spin(a0);
             cli();
             r
+        }
+        SYS_USER_MMIO_DONE => {
+            crate::hostile::user_mmio_report(a0, a1, _a2);
+            0
         }
         SYS_DONE => {
             let res = if user_range_ok(a0, core::mem::size_of::<UserResult>() as u64) {

@@ -30,6 +30,7 @@ pub const SYS_WRITE: u64 = 1;
 pub const SYS_EXIT: u64 = 2;
 pub const SYS_KERNEL_SPIN: u64 = 3;
 pub const SYS_DONE: u64 = 4;
+pub const SYS_USER_MMIO_DONE: u64 = 5;
 
 /// Iterations of the xorshift step per `user_leaf` call (about 2 µs).
 const USER_LEAF_ITERS: u32 = 2000;
@@ -54,7 +55,15 @@ pub struct UserConfig {
     pub int80: u64,
     /// Garbage frame pointers for `user_wild_stack` (kernel addresses among them: ring-3 code must not name any).
     pub wild: [u64; NWILD],
+    /// `hostile=user-mmio`: accesses to make from ring 3 before working (0: none), in `USER_MMIO_WINDOWS` 2 MiB
+    /// windows from `mmio_va`, none of them RAM; and the seed of their random numbers.
+    pub mmio_accesses: u64,
+    pub mmio_va: u64,
+    pub mmio_seed: u64,
 }
+
+/// Windows the kernel maps for `hostile=user-mmio` (user-accessible 2 MiB pages outside RAM).
+pub const USER_MMIO_WINDOWS: u64 = 16;
 
 /// A work-function id as an index that needs no bounds check (ring-3 code cannot reach the kernel's panic).
 #[inline(always)]
@@ -320,6 +329,9 @@ pub extern "C" fn user_main(cfg: &UserConfig) -> ! {
         i += 1;
     }
     unsafe { sys(SYS_WRITE, STARTED.as_ptr() as u64, STARTED.len() as u64, 0) };
+    if cfg.mmio_accesses != 0 {
+        user_mmio_storm(cfg.mmio_accesses, cfg.mmio_va, cfg.mmio_seed);
+    }
     if cfg.fault != 0 {
         let v = unsafe { core::ptr::read_volatile(USER_FAULT_ADDR as *const u64) };
         unsafe { sys(SYS_EXIT, v, 0, 0) };
@@ -543,4 +555,54 @@ pub extern "C" fn user_wild_stack(ticks: u64) -> u64 {
         }
     }
     acc
+}
+
+/// `hostile=user-mmio`: loads and stores of 1, 2, 4 and 8 bytes at random offsets of the MMIO windows, from ring 3.
+/// Reports (loads, loads that read all-ones, TSC ticks taken) to the kernel, which prints them.
+#[no_mangle]
+#[inline(never)]
+#[link_section = ".user.text"]
+pub extern "C" fn user_mmio_storm(n: u64, va: u64, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let (mut reads, mut ones) = (0u64, 0u64);
+    let t0 = urdtsc();
+    let mut i = 0;
+    while i < n {
+        x = xorshift(x);
+        let size_log = (x >> 4) & 3;
+        let window = (x >> 8) % USER_MMIO_WINDOWS;
+        let off = ((x >> 20) % 0x20_0000) & !((1u64 << size_log) - 1);
+        let at = va + window * 0x20_0000 + off;
+        let write = (x >> 6) & 1 == 1;
+        unsafe {
+            if write {
+                if size_log == 0 {
+                    core::ptr::write_volatile(at as *mut u8, x as u8);
+                } else if size_log == 1 {
+                    core::ptr::write_volatile(at as *mut u16, x as u16);
+                } else if size_log == 2 {
+                    core::ptr::write_volatile(at as *mut u32, x as u32);
+                } else {
+                    core::ptr::write_volatile(at as *mut u64, x);
+                }
+            } else {
+                let all = if size_log == 0 {
+                    core::ptr::read_volatile(at as *const u8) == u8::MAX
+                } else if size_log == 1 {
+                    core::ptr::read_volatile(at as *const u16) == u16::MAX
+                } else if size_log == 2 {
+                    core::ptr::read_volatile(at as *const u32) == u32::MAX
+                } else {
+                    // Folded to 32 bits: a 64-bit compare with -1 looks like a kernel address to guest_elf.rs.
+                    let v = core::ptr::read_volatile(at as *const u64);
+                    (v as u32 & (v >> 32) as u32) == black_box(u32::MAX)
+                };
+                reads += 1;
+                ones += all as u64;
+            }
+        }
+        i += 1;
+    }
+    let ticks = urdtsc() - t0;
+    unsafe { sys(SYS_USER_MMIO_DONE, reads, ones, ticks) };
 }
