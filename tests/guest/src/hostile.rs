@@ -40,7 +40,7 @@ pub fn run(cfg: &Config, tsc_hz: u64, lapic_hz: u64) {
         port_storm(cfg.storm, cfg.seed);
     }
     if cfg.hostile & HOSTILE_MMIO != 0 {
-        mmio_storm(cfg.storm, cfg.seed);
+        mmio_storm(cfg.storm, cfg.seed, tsc_hz);
     }
     if cfg.hostile & HOSTILE_TIMER != 0 {
         timer_storm(cfg.irqs, cfg.irq_secs, tsc_hz, lapic_hz);
@@ -301,7 +301,7 @@ fn boot_pml4_table() -> *mut [u64; 512] {
     phys::<[u64; 512]>(va - KERNEL_VMA)
 }
 
-fn mmio_storm(n: u64, seed: u64) {
+fn mmio_storm(n: u64, seed: u64, tsc_hz: u64) {
     let mut rng = Rng::new(seed ^ 0x6d6d_696f);
     let bits = phys_bits();
     let limit = 1u64 << bits;
@@ -324,6 +324,7 @@ fn mmio_storm(n: u64, seed: u64) {
         (*boot_pml4_table())[257] = pdpt | 3;
     }
     let (mut low, mut high, mut reads, mut writes, mut ones) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let t0 = rdtsc();
     for _ in 0..n {
         let r = rng.next();
         let size = 1u64 << ((r >> 4) & 3);
@@ -353,6 +354,7 @@ fn mmio_storm(n: u64, seed: u64) {
             writes += 1;
         }
     }
+    let us = (rdtsc() - t0) / (tsc_hz / 1_000_000).max(1);
     // 8-byte accesses across the end of RAM: the low bytes are RAM, the rest is nothing. A read must give the RAM
     // bytes and all-ones above them; a write of what was read changes nothing.
     let (mut straddles, mut straddle_ok) = (0u64, 0u64);
@@ -396,6 +398,8 @@ fn mmio_storm(n: u64, seed: u64) {
         .dec(bits)
         .s(" top_window=")
         .hex(frames[WINDOWS as usize - 1])
+        .s(" us_per_access=")
+        .dec(us / (low + high).max(1))
         .print();
 }
 
