@@ -59,6 +59,10 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         }
     }
     vm_source::install_interrupt_handlers();
+    // A file size limit (RLIMIT_FSIZE) then fails the write with EFBIG, handled like a full disk, instead of
+    // killing the recorder with the file half written.
+    // SAFETY: SIG_IGN is a valid disposition for SIGXFSZ.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let (vm, feed, meta) = match &args.vm {
         Some(socket) => {
             if !args.vmm_args.is_empty() {
@@ -152,18 +156,19 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             eprintln!("perf-kvm: the control stream broke off: {err}");
         }
     }
-    if let Some(e) = write_error {
-        return Err(anyhow::Error::new(e).context(format!(
-            "writing {} failed; the samples before the failure are in the file (perf-kvm report reads it)",
-            args.output.display()
-        )));
-    }
     let loss = feed.loss();
-    let final_delta = loss_delta(&loss, &reported_loss);
-    writer.write_lost(&final_delta, started.elapsed().as_nanos() as u64)?;
-    writer
-        .finish()
-        .with_context(|| format!("finishing {}", args.output.display()))?;
+    let closed = match write_error {
+        Some(e) => Err(writer.salvage(e)),
+        None => match writer.write_lost(
+            &loss_delta(&loss, &reported_loss),
+            started.elapsed().as_nanos() as u64,
+        ) {
+            Ok(()) => writer.finish(),
+            Err(e) => Err(writer.salvage(e)),
+        },
+    };
+    // A write error (disk full) ends the recording with one line saying what the file keeps.
+    closed?;
     let size = std::fs::metadata(&args.output)
         .map(|m| m.len())
         .unwrap_or(0);

@@ -6,7 +6,9 @@
 mod encode;
 mod writer;
 
-pub use writer::{CallchainContext, GuestUserMap, PerfDataError, PerfDataWriter, RecordMeta};
+pub use writer::{
+    CallchainContext, GuestUserMap, PerfDataError, PerfDataWriter, RecordMeta, Salvaged,
+};
 
 /// `perf_event_header.misc` cpumode values (include/uapi/linux/perf_event.h).
 pub const PERF_RECORD_MISC_GUEST_KERNEL: u16 = 4;
