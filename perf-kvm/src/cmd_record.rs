@@ -178,6 +178,11 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
         args.output.display(),
         loss.lost()
     );
+    // The sampler's own counters behind "lost", and the idle ticks that are not losses.
+    eprintln!(
+        "[ perf-kvm record: sampler: {} queue full, {} ticks skipped, {} idle ticks ]",
+        loss.queue_full, loss.ticks_skipped, loss.idle_ticks
+    );
     Ok(0)
 }
 
