@@ -136,18 +136,22 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             break;
         }
     }
-    if let Some(vm) = vm {
-        let end = vm.finish();
-        // Samples already queued when the VM stopped still belong to the recording.
-        while write_error.is_none() {
-            let Feed::Sample(sample) = feed.next(Duration::ZERO) else {
-                break;
-            };
-            match writer.write_sample(&sample) {
-                Ok(()) => samples += 1,
-                Err(e) => write_error = Some(e),
-            }
+    let end = vm.map(|vm| vm.finish());
+    // Samples already queued when the recording stopped still belong to it (for `--vm`: those that crossed the
+    // socket; the channel holds at most 1 << 16).
+    for _ in 0..1 << 16 {
+        if write_error.is_some() {
+            break;
         }
+        let Feed::Sample(sample) = feed.next(Duration::ZERO) else {
+            break;
+        };
+        match writer.write_sample(&sample) {
+            Ok(()) => samples += 1,
+            Err(e) => write_error = Some(e),
+        }
+    }
+    if let Some(end) = end {
         eprintln!();
         vm_source::report_end(&end);
     } else {

@@ -103,6 +103,7 @@ pub struct PerfDataWriter {
     period_ns: u64,
     /// CR3 → pid, in order of first appearance.
     address_spaces: HashMap<u64, u32>,
+    /// Samples handed to `write_sample` (some may still sit in the buffer).
     samples: u64,
     /// What the last successful `flush` made durable: where [`Self::salvage`] starts counting what is on disk.
     flushed: Flushed,
@@ -318,11 +319,6 @@ impl PerfDataWriter {
             samples: self.samples,
         };
         Ok(())
-    }
-
-    /// Samples handed to [`Self::write_sample`] so far (some may still sit in the buffer).
-    pub fn samples_written(&self) -> u64 {
-        self.samples
     }
 
     /// Writes the feature sections and the final header. The file is complete and valid afterwards. When a write
