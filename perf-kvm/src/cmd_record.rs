@@ -64,6 +64,10 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
     vm_source::install_interrupt_handlers();
     let mut pmu = None;
     let mut pmu_stats = None;
+    // A file size limit (RLIMIT_FSIZE) then fails the write with EFBIG, handled like a full disk, instead of
+    // killing the recorder with the file half written.
+    // SAFETY: SIG_IGN is a valid disposition for SIGXFSZ.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let (vm, feed, meta) = match &args.vm {
         Some(socket) => {
             if !args.vmm_args.is_empty() {
@@ -170,54 +174,47 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             break;
         }
     }
-    if let Some(vm) = vm {
-        let end = vm.finish();
-        // The PMU reader drains the rings into the feed once more before it closes it.
-        if let Some(session) = pmu.take() {
-            session.stop();
+    let end = vm.map(|vm| vm.finish());
+    // The PMU reader drains the rings into the feed once more before it closes it.
+    if let Some(session) = pmu.take() {
+        session.stop();
+    }
+    // Samples already queued when the recording stopped still belong to it (for `--vm`: those that crossed the
+    // socket; the channel holds at most 1 << 16).
+    for _ in 0..1 << 16 {
+        if write_error.is_some() {
+            break;
         }
-        // Samples already queued when the VM stopped still belong to the recording.
-        while write_error.is_none() {
-            let Feed::Sample(sample) = feed.next(Duration::ZERO) else {
-                break;
-            };
-            match writer.write_sample(&sample) {
-                Ok(()) => samples += 1,
-                Err(e) => write_error = Some(e),
-            }
+        let Feed::Sample(sample) = feed.next(Duration::ZERO) else {
+            break;
+        };
+        match writer.write_sample(&sample) {
+            Ok(()) => samples += 1,
+            Err(e) => write_error = Some(e),
         }
+    }
+    if let Some(end) = end {
         eprintln!();
         vm_source::report_end(&end);
     } else {
-        if let Some(session) = pmu.take() {
-            session.stop();
-            while write_error.is_none() {
-                let Feed::Sample(sample) = feed.next(Duration::ZERO) else {
-                    break;
-                };
-                match writer.write_sample(&sample) {
-                    Ok(()) => samples += 1,
-                    Err(e) => write_error = Some(e),
-                }
-            }
-        }
         eprintln!();
         if let Some(err) = feed.error() {
             eprintln!("perf-kvm: the control stream broke off: {err}");
         }
     }
-    if let Some(e) = write_error {
-        return Err(anyhow::Error::new(e).context(format!(
-            "writing {} failed; the samples before the failure are in the file (perf-kvm report reads it)",
-            args.output.display()
-        )));
-    }
     let loss = feed.loss();
-    let final_delta = loss_delta(&loss, &reported_loss);
-    writer.write_lost(&final_delta, started.elapsed().as_nanos() as u64)?;
-    writer
-        .finish()
-        .with_context(|| format!("finishing {}", args.output.display()))?;
+    let closed = match write_error {
+        Some(e) => Err(writer.salvage(e)),
+        None => match writer.write_lost(
+            &loss_delta(&loss, &reported_loss),
+            started.elapsed().as_nanos() as u64,
+        ) {
+            Ok(()) => writer.finish(),
+            Err(e) => Err(writer.salvage(e)),
+        },
+    };
+    // A write error (disk full) ends the recording with one line saying what the file keeps.
+    closed?;
     let size = std::fs::metadata(&args.output)
         .map(|m| m.len())
         .unwrap_or(0);
@@ -236,6 +233,11 @@ pub fn run(args: RecordArgs) -> anyhow::Result<i32> {
             stats.malformed.load(Relaxed)
         );
     }
+    // The sampler's own counters behind "lost", and the idle ticks that are not losses.
+    eprintln!(
+        "[ perf-kvm record: sampler: {} queue full, {} ticks skipped, {} idle ticks ]",
+        loss.queue_full, loss.ticks_skipped, loss.idle_ticks
+    );
     Ok(0)
 }
 

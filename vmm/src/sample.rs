@@ -42,7 +42,8 @@ pub struct SampleLoss {
     pub queue_full: u64,
     /// Ticks that found a vCPU idle (no CPU time used since its last sample), or still busy with the previous kick.
     pub idle_ticks: u64,
-    /// The kicker fell behind its period and skipped ticks.
+    /// Samples owed by CPU time that no kick took: the vCPU ran longer than `MAX_SAMPLES_PER_KICK` periods
+    /// between two kicks (the kicker fell behind, or the vCPU could not be interrupted) and the excess was dropped.
     pub ticks_skipped: u64,
 }
 

@@ -98,6 +98,10 @@ pub struct CpuTimeCredit {
     last_ns: Option<u64>,
     /// May go negative by up to half a period: a sample taken on rounding is paid back by the next kick.
     credit_ns: i64,
+    /// CPU time beyond the cap, not yet counted as lost periods.
+    capped_ns: u64,
+    /// Periods of CPU time the cap discarded since the last `take_capped`: samples owed and lost.
+    capped: u64,
 }
 
 /// Most samples one kick may owe.
@@ -109,11 +113,23 @@ impl CpuTimeCredit {
         let period = period_ns.max(1) as i64;
         let used = self.last_ns.map_or(0, |last| now_ns.saturating_sub(last)) as i64;
         self.last_ns = Some(now_ns);
-        self.credit_ns = (self.credit_ns + used).min(MAX_SAMPLES_PER_KICK * period);
+        let cap = MAX_SAMPLES_PER_KICK * period;
+        let credit = self.credit_ns + used;
+        if credit > cap {
+            self.capped_ns += (credit - cap) as u64;
+            self.capped += self.capped_ns / period as u64;
+            self.capped_ns %= period as u64;
+        }
+        self.credit_ns = credit.min(cap);
         // Round to the nearest period: kicks arrive a little late or early, never exactly on the period.
         let owed = ((self.credit_ns + period / 2) / period).max(0);
         self.credit_ns -= owed * period;
         owed as u32
+    }
+
+    /// Samples the burst cap discarded since the previous call (owed by CPU time, never taken): losses.
+    pub fn take_capped(&mut self) -> u64 {
+        std::mem::take(&mut self.capped)
     }
 }
 
@@ -187,10 +203,10 @@ pub fn run_timer(
         if next > now {
             std::thread::sleep(next - now);
         } else {
+            // Ticks the timer is behind are not lost: the vCPU's CPU-time credit owes their samples at the next
+            // kick, and what exceeds the burst cap there is counted as lost by the vCPU.
             let behind = ((now - next).as_nanos() / period.as_nanos()) as u64;
             if behind > 0 {
-                loss.ticks_skipped
-                    .fetch_add(behind * vcpus.len() as u64, Ordering::Relaxed);
                 next += period * behind as u32;
             }
         }
@@ -365,6 +381,12 @@ mod tests {
         t += 100 * p;
         assert_eq!(c.due(t, p), MAX_SAMPLES_PER_KICK as u32);
         assert_eq!(c.due(t, p), 0);
+        assert_eq!(
+            c.take_capped(),
+            100 + 3 - 3 - MAX_SAMPLES_PER_KICK as u64,
+            "what the cap discards is counted"
+        );
+        assert_eq!(c.take_capped(), 0);
     }
 
     #[test]

@@ -407,6 +407,10 @@ impl Vcpu {
             return;
         }
         let owed = self.cpu_credit.due(thread_cpu_time_ns(), sink.period_ns);
+        let capped = self.cpu_credit.take_capped();
+        if capped > 0 {
+            sink.loss.ticks_skipped.fetch_add(capped, Ordering::Relaxed);
+        }
         if owed == 0 {
             sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             return;

@@ -6,7 +6,9 @@
 mod encode;
 mod writer;
 
-pub use writer::{CallchainContext, GuestUserMap, PerfDataError, PerfDataWriter, RecordMeta};
+pub use writer::{
+    CallchainContext, GuestUserMap, PerfDataError, PerfDataWriter, RecordMeta, Salvaged,
+};
 
 /// The event a recording samples; it names the file's one attr.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

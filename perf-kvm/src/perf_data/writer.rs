@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 
 use vmm::{GuestMode, Sample, SampleLoss};
 
+mod salvage;
+
+pub use salvage::Salvaged;
+
 use super::encode::{self, FileSection, SampleFields, SampleId};
 use super::{
     address_space_comm, DEFAULT_GUEST_KERNEL_ID, FIRST_ADDRESS_SPACE_PID, GUEST_KERNEL_MMAP_NAME,
@@ -33,6 +37,13 @@ pub enum PerfDataError {
     #[error("writing {} failed (records written before this error are kept)", path.display())]
     Write {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {} failed; {kept}", path.display())]
+    Salvaged {
+        path: PathBuf,
+        kept: Salvaged,
         #[source]
         source: std::io::Error,
     },
@@ -93,6 +104,16 @@ pub struct PerfDataWriter {
     period_ns: u64,
     /// CR3 → pid, in order of first appearance.
     address_spaces: HashMap<u64, u32>,
+    /// Samples handed to `write_sample` (some may still sit in the buffer).
+    samples: u64,
+    /// What the last successful `flush` made durable: where [`Self::salvage`] starts counting what is on disk.
+    flushed: Flushed,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Flushed {
+    pub data_size: u64,
+    pub samples: u64,
 }
 
 impl PerfDataWriter {
@@ -116,10 +137,17 @@ impl PerfDataWriter {
                     .filter(|id| id.len() <= 20);
             }
         }
-        let file = File::create(path).map_err(|source| PerfDataError::Create {
-            path: path.to_owned(),
-            source,
-        })?;
+        // Readable too: after a write error, `salvage` reads back what reached the disk.
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| PerfDataError::Create {
+                path: path.to_owned(),
+                source,
+            })?;
         let attr = encode::event_attr(meta.event, meta.freq_hz, meta.callchains);
         let attrs_section = FileSection {
             offset: encode::FILE_HEADER_SIZE,
@@ -135,6 +163,8 @@ impl PerfDataWriter {
             data_size: 0,
             period_ns: (1_000_000_000 / meta.freq_hz).max(1),
             address_spaces: HashMap::new(),
+            samples: 0,
+            flushed: Flushed::default(),
         };
         // Data size 0 and no features: unfinished, until `flush` and `finish` rewrite the header.
         let header = encode::file_header(
@@ -150,6 +180,8 @@ impl PerfDataWriter {
         prologue.extend_from_slice(&[0u8; 16]); // the attr's id section: no ids
         writer.put(&prologue)?;
         writer.write_kernel_mmap()?;
+        // A recorder killed before its first periodic flush still leaves a header that says what it is.
+        writer.flush()?;
         Ok(writer)
     }
 
@@ -248,7 +280,9 @@ impl PerfDataWriter {
             period: sample.period.unwrap_or(self.period_ns),
             callchain: self.meta.callchains.then_some(&chain[..]),
         });
-        self.put_record(&record)
+        self.put_record(&record)?;
+        self.samples += 1;
+        Ok(())
     }
 
     /// Records samples lost since the previous call (`delta`, all causes together: perf has one count).
@@ -280,36 +314,27 @@ impl PerfDataWriter {
         self.out
             .get_ref()
             .write_all_at(&self.data_size.to_le_bytes(), DATA_SIZE_OFFSET)
-            .map_err(io)
+            .map_err(io)?;
+        self.flushed = Flushed {
+            data_size: self.data_size,
+            samples: self.samples,
+        };
+        Ok(())
     }
 
-    /// Writes the feature sections and the final header. The file is complete and valid afterwards.
+    /// Writes the feature sections and the final header. The file is complete and valid afterwards. When a write
+    /// fails (disk full), the file is closed over the records already on disk instead: see [`Self::salvage`].
     pub fn finish(mut self) -> Result<(), PerfDataError> {
-        let features = self.feature_sections();
-        let table_offset = self.data_offset + self.data_size;
-        let mut next_content = table_offset + 16 * features.len() as u64;
-        let mut table = Vec::new();
-        for (_, content) in &features {
-            table.extend_from_slice(&next_content.to_le_bytes());
-            table.extend_from_slice(&(content.len() as u64).to_le_bytes());
-            next_content += content.len() as u64;
+        match self.write_tail() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.salvage(e)),
         }
-        self.put(&table)?;
-        for (_, content) in &features {
-            self.put(content)?;
-        }
-        let feature_ids: Vec<u32> = features.iter().map(|(id, _)| *id).collect();
-        let header = encode::file_header(
-            FileSection {
-                offset: encode::FILE_HEADER_SIZE,
-                size: encode::FILE_ATTR_SIZE,
-            },
-            FileSection {
-                offset: self.data_offset,
-                size: self.data_size,
-            },
-            &feature_ids,
-        );
+    }
+
+    fn write_tail(&mut self) -> Result<(), PerfDataError> {
+        let (tail, feature_ids) = self.feature_tail(self.data_offset + self.data_size);
+        self.put(&tail)?;
+        let header = self.header(self.data_size, &feature_ids);
         let path = self.path.clone();
         let io = |source| PerfDataError::Write {
             path: path.clone(),
@@ -320,6 +345,16 @@ impl PerfDataWriter {
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.write_all(&header).map_err(io)?;
         file.sync_all().map_err(io)
+    }
+
+    /// The feature section table and the sections, for a data section ending at `table_offset`; and the feature
+    /// ids for the header's bitmap.
+    fn feature_tail(&self, table_offset: u64) -> (Vec<u8>, Vec<u32>) {
+        feature_tail(&self.feature_sections(), table_offset)
+    }
+
+    fn header(&self, data_size: u64, feature_ids: &[u32]) -> Vec<u8> {
+        file_header(self.data_offset, data_size, feature_ids)
     }
 
     /// Feature sections in ascending feature-bit order, as the header's section table requires.
@@ -377,6 +412,34 @@ impl PerfDataWriter {
                 source,
             })
     }
+}
+
+fn feature_tail(features: &[(u32, Vec<u8>)], table_offset: u64) -> (Vec<u8>, Vec<u32>) {
+    let mut next_content = table_offset + 16 * features.len() as u64;
+    let mut tail = Vec::new();
+    for (_, content) in features {
+        tail.extend_from_slice(&next_content.to_le_bytes());
+        tail.extend_from_slice(&(content.len() as u64).to_le_bytes());
+        next_content += content.len() as u64;
+    }
+    for (_, content) in features {
+        tail.extend_from_slice(content);
+    }
+    (tail, features.iter().map(|(id, _)| *id).collect())
+}
+
+fn file_header(data_offset: u64, data_size: u64, feature_ids: &[u32]) -> Vec<u8> {
+    encode::file_header(
+        FileSection {
+            offset: encode::FILE_HEADER_SIZE,
+            size: encode::FILE_ATTR_SIZE,
+        },
+        FileSection {
+            offset: data_offset,
+            size: data_size,
+        },
+        feature_ids,
+    )
 }
 
 struct HostUname {

@@ -250,7 +250,7 @@ pub fn parse(s: &[u8]) -> Config {
             b"work" => parse_work(v, &mut c),
             b"secs" => {
                 c.secs = number(v)
-                    .filter(|&s| s <= 300)
+                    .filter(|&s| s <= 3600)
                     .unwrap_or_else(|| bad("secs", v))
             }
             b"hz" => {

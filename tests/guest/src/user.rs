@@ -294,7 +294,7 @@ fn run_slice(cfg: &UserConfig, res: &mut UserResult, best: usize, ticks: u64) {
 }
 
 /// TSC ticks entry `best` needs to reach its share: x with (s + x) / (T + x) = w / W.
-/// (u64 suffices: weights are at most 10,000 and runs at most 300 s.)
+/// (u64 suffices: weights are at most 10,000 and runs at most 3600 s: W·s stays below 2^60.)
 #[inline(always)]
 fn deficit(cfg: &UserConfig, res: &UserResult, n: usize, best: usize) -> u64 {
     let (mut total, mut wsum) = (0u64, 0u64);
