@@ -9,6 +9,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::stub::PACKET_SIZE;
+
 /// Where the stub listens: `HOST:PORT` / `PORT` (TCP; a bare port means 127.0.0.1) or `unix:PATH` / a path with a
 /// `/` in it (unix socket).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +231,39 @@ impl PacketFramer {
     }
 }
 
+/// The most bytes one `m` packet may ask for: its hex reply fills a packet. `gdbstub` answers any length in one
+/// reply, reading chunk after chunk, so `m0,ffffffffffff` would stream gigabytes while holding the session;
+/// gdb itself never asks for more than its packet size allows and takes a short reply as a partial read.
+const MAX_MEMORY_READ: u64 = (PACKET_SIZE / 2) as u64;
+
+/// A whole packet `$m<addr>,<len>#xx` with `len` above [`MAX_MEMORY_READ`] becomes the same packet asking for
+/// [`MAX_MEMORY_READ`] bytes; every other packet passes as it is.
+fn clamp_memory_read(packet: Vec<u8>) -> Vec<u8> {
+    let Some(body) = packet
+        .strip_prefix(b"$m")
+        .and_then(|rest| rest.get(..rest.len().checked_sub(3)?))
+    else {
+        return packet;
+    };
+    let Some((addr, len)) = std::str::from_utf8(body)
+        .ok()
+        .and_then(|body| body.split_once(','))
+    else {
+        return packet;
+    };
+    if u64::from_str_radix(addr, 16).is_err() {
+        return packet;
+    }
+    match u64::from_str_radix(len, 16) {
+        Ok(len) if len > MAX_MEMORY_READ => {
+            let body = format!("m{addr},{MAX_MEMORY_READ:x}");
+            let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+            format!("${body}#{checksum:02x}").into_bytes()
+        }
+        _ => packet,
+    }
+}
+
 fn checksum_matches(packet: &[u8]) -> bool {
     let (framed, checksum) = packet.split_at(packet.len() - 2);
     let body = &framed[1..framed.len() - 1];
@@ -263,7 +298,7 @@ impl GdbConnection {
         for byte in &buf[..n] {
             match self.framer.push(*byte) {
                 Framed::Nothing => {}
-                Framed::Pass(bytes) => incoming.extend(bytes),
+                Framed::Pass(bytes) => incoming.extend(clamp_memory_read(bytes)),
                 Framed::Nack => self.send_all(b"-")?,
                 Framed::Resend => {
                     let last = std::mem::take(&mut self.last_sent);
@@ -280,6 +315,61 @@ impl GdbConnection {
         match &mut self.stream {
             Stream::Tcp(s) => s.write_all(bytes),
             Stream::Unix(s) => s.write_all(bytes),
+        }
+    }
+
+    /// Turns this connection away: answers gdb's first packet (its `qSupported`) with an `E.` error carrying
+    /// `reason`, which gdb prints as `Remote failure reply: E.<reason>`, then closes. Waits at most `patience`
+    /// for that first packet, so a client that sends nothing cannot hold the caller.
+    pub fn refuse(mut self, reason: &str, patience: std::time::Duration) -> io::Result<()> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_read_timeout(Some(patience))?,
+            Stream::Unix(s) => s.set_read_timeout(Some(patience))?,
+        }
+        let mut buf = [0u8; 4096];
+        'first_packet: loop {
+            let n = match &mut self.stream {
+                Stream::Tcp(s) => s.read(&mut buf)?,
+                Stream::Unix(s) => s.read(&mut buf)?,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            for byte in &buf[..n] {
+                if let Framed::Pass(packet) = self.framer.push(*byte) {
+                    if packet.first() == Some(&b'$') {
+                        break 'first_packet;
+                    }
+                }
+            }
+        }
+        // Characters with a meaning in the framing cannot appear in a packet body.
+        let text: String = reason
+            .chars()
+            .map(|c| {
+                if matches!(c, '$' | '#' | '}' | '*') {
+                    ' '
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let body = format!("E.{text}");
+        let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+        self.send_all(format!("+${body}#{checksum:02x}").as_bytes())?;
+        // Closing with gdb's next packets unread would reset the connection before gdb reads the reply.
+        match &self.stream {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write)?,
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write)?,
+        }
+        loop {
+            let n = match &mut self.stream {
+                Stream::Tcp(s) => s.read(&mut buf),
+                Stream::Unix(s) => s.read(&mut buf),
+            };
+            if !matches!(n, Ok(1..)) {
+                return Ok(());
+            }
         }
     }
 
@@ -351,6 +441,28 @@ mod tests {
             .map(|b| framer.push(*b))
             .filter(|f| *f != Framed::Nothing)
             .collect()
+    }
+
+    #[test]
+    fn memory_reads_are_clamped_to_one_reply() {
+        let packet = |body: &str| {
+            let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+            format!("${body}#{checksum:02x}").into_bytes()
+        };
+        assert_eq!(
+            clamp_memory_read(packet("mffffffff80000000,ffffffff")),
+            packet(&format!("mffffffff80000000,{MAX_MEMORY_READ:x}"))
+        );
+        for untouched in [
+            "m1000,10",
+            "m1000,8000",
+            "mzz,ffffffff",
+            "M0,ffffffff:00",
+            "g",
+        ] {
+            assert_eq!(clamp_memory_read(packet(untouched)), packet(untouched));
+        }
+        assert!(checksum_matches(&clamp_memory_read(packet("m0,ffffffff"))));
     }
 
     #[test]
