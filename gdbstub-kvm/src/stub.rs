@@ -132,7 +132,15 @@ fn run_session<T: DebugTarget + ?Sized>(
                                     let _ = inner.borrow_conn().send_console_output(&line);
                                 }
                                 let stop = adapter.stop_reason(event);
-                                let next = inner.report_stop(adapter, stop).map_err(protocol)?;
+                                let next = match exit.is_none().then(|| adapter.expedited()) {
+                                    Some(Some(regs)) => inner.report_stop_with_regs(
+                                        adapter,
+                                        stop,
+                                        &mut regs.iter().map(|(n, v)| (*n, v.as_slice())),
+                                    ),
+                                    _ => inner.report_stop(adapter, stop),
+                                }
+                                .map_err(protocol)?;
                                 if let Some(status) = exit {
                                     return Ok(SessionEnd::TargetExited { status });
                                 }

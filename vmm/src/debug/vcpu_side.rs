@@ -31,6 +31,8 @@ pub struct DebugResume {
     /// Software breakpoints wait for the guest to enable paging: a continued vCPU without paging steps until it
     /// has it and plants them.
     pub plant_pending: bool,
+    /// The gdb thread's number for this resume, recorded with the stop this vCPU reports (see `ParkedStop`).
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,15 +53,19 @@ enum Stepping {
 pub struct VcpuDebugState {
     armed: kvm_guest_debug,
     stepping: Stepping,
+    generation: u64,
 }
 
 impl Vcpu {
     /// Serves `VcpuRequest::DebugResume`: configures guest debug for the action and starts running.
     pub(crate) fn debug_resume(&mut self, resume: DebugResume) {
         self.debug_state.armed = resume.armed;
-        let rip = match self.fd.get_regs() {
-            Ok(regs) => regs.rip,
-            Err(e) => {
+        self.debug_state.generation = resume.generation;
+        // RIP matters only to a vCPU that stopped on a hardware breakpoint (one ioctl saved per step otherwise).
+        let rip = match resume.step_over_hw_at.map(|_| self.fd.get_regs()) {
+            None => None,
+            Some(Ok(regs)) => Some(regs.rip),
+            Some(Err(e)) => {
                 self.debug_report(StopReason::Crashed {
                     description: format!("cannot read registers to resume: {e}"),
                 });
@@ -70,7 +76,8 @@ impl Vcpu {
         if resume.blockirq {
             step_flags |= KVM_GUESTDBG_BLOCKIRQ;
         }
-        let stopped_on_hw = resume.step_over_hw_at == Some(rip)
+        let stopped_on_hw = rip.is_some()
+            && resume.step_over_hw_at == rip
             && resume.armed.control & KVM_GUESTDBG_USE_HW_BP != 0;
         let mut dbg = resume.armed;
         self.debug_state.stepping = if stopped_on_hw {
@@ -217,6 +224,11 @@ impl Vcpu {
 
     /// Parks this vCPU and queues its stop for gdb. The gdb thread stops the other vCPUs before it reports it.
     pub(crate) fn debug_report(&mut self, reason: StopReason) {
+        // gdb wants them at once (stop reply, then memory through this CR3): read here, where it costs only the
+        // ioctls, rather than on request from the gdb thread, which costs two thread wake-ups more.
+        let registers = self.registers(true).ok();
+        self.debug
+            .record_parked(self.id, self.debug_state.generation, registers);
         self.set_state(VcpuState::Paused);
         self.debug.queue().push(StopEvent {
             vcpu: self.id,
