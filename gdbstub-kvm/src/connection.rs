@@ -137,6 +137,8 @@ impl GdbListener {
             outgoing: Vec::new(),
             last_sent: Vec::new(),
             framer: PacketFramer::default(),
+            threads: 0,
+            no_ack: false,
         })
     }
 }
@@ -164,6 +166,10 @@ pub struct GdbConnection {
     /// The last flushed reply, for gdb's nack (`-`), which `gdbstub` itself treats as fatal.
     last_sent: Vec<u8>,
     framer: PacketFramer,
+    /// Threads listed for `qXfer:threads:read`, which this connection answers itself (0: not offered).
+    threads: usize,
+    /// gdb turned acks off (`QStartNoAckMode`).
+    no_ack: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -298,7 +304,15 @@ impl GdbConnection {
         for byte in &buf[..n] {
             match self.framer.push(*byte) {
                 Framed::Nothing => {}
-                Framed::Pass(bytes) => incoming.extend(clamp_memory_read(bytes)),
+                Framed::Pass(bytes) => {
+                    if bytes.starts_with(b"$QStartNoAckMode#") {
+                        self.no_ack = true;
+                    }
+                    match self.thread_list_reply(&bytes) {
+                        Some(reply) => self.send_local_reply(&reply)?,
+                        None => incoming.extend(clamp_memory_read(bytes)),
+                    }
+                }
                 Framed::Nack => self.send_all(b"-")?,
                 Framed::Resend => {
                     let last = std::mem::take(&mut self.last_sent);
@@ -309,6 +323,72 @@ impl GdbConnection {
             }
         }
         Ok(n)
+    }
+
+    /// Answers `qXfer:threads:read` for `count` threads (ids 1..=count) here, one round trip where `gdbstub`
+    /// (which lacks it) makes gdb use two (`qfThreadInfo`, `qsThreadInfo`); gdb lists threads after every
+    /// stop, `stepi` included.
+    pub(crate) fn serve_thread_list(&mut self, count: usize) {
+        self.threads = count;
+    }
+
+    /// The reply to a whole packet if it is a `qXfer:threads:read` this connection answers.
+    fn thread_list_reply(&self, packet: &[u8]) -> Option<String> {
+        if self.threads == 0 {
+            return None;
+        }
+        let body = std::str::from_utf8(packet).ok()?;
+        let request = body.strip_prefix("$qXfer:threads:read::")?;
+        let (offset, length) = request.get(..request.len() - 3)?.split_once(',')?;
+        let offset = usize::from_str_radix(offset, 16).ok()?;
+        let length = usize::from_str_radix(length, 16).ok()?;
+        let mut xml = String::from("<?xml version=\"1.0\"?>\n<threads>\n");
+        for vcpu in 0..self.threads {
+            // The text is the extra information `info threads` shows, as qThreadExtraInfo gives it.
+            xml.push_str(&format!(
+                "<thread id=\"p1.{:x}\" core=\"{vcpu}\">vCPU {vcpu}</thread>\n",
+                vcpu + 1
+            ));
+        }
+        xml.push_str("</threads>\n");
+        let start = offset.min(xml.len());
+        let end = start.saturating_add(length).min(xml.len());
+        let marker = if end == xml.len() { 'l' } else { 'm' };
+        Some(format!("{marker}{}", &xml[start..end]))
+    }
+
+    fn send_local_reply(&mut self, body: &str) -> io::Result<()> {
+        let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+        let ack = if self.no_ack { "" } else { "+" };
+        let packet = format!("{ack}${body}#{checksum:02x}").into_bytes();
+        self.send_all(&packet)?;
+        self.last_sent = packet;
+        Ok(())
+    }
+
+    /// Adds what this connection answers itself to `gdbstub`'s `qSupported` reply (which starts with
+    /// `PacketSize=`, after an ack while acks are on).
+    fn advertise_local_features(&self, outgoing: &mut Vec<u8>) {
+        if self.threads == 0 {
+            return;
+        }
+        let Some(start) = (0..=1).find(|&i| outgoing[i..].starts_with(b"$PacketSize=")) else {
+            return;
+        };
+        let Some(hash) = outgoing
+            .len()
+            .checked_sub(3)
+            .filter(|&h| outgoing[h] == b'#')
+        else {
+            return;
+        };
+        let mut body = outgoing[start + 1..hash].to_vec();
+        body.extend_from_slice(b";qXfer:threads:read+");
+        let checksum = body.iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
+        outgoing.truncate(start);
+        outgoing.push(b'$');
+        outgoing.extend_from_slice(&body);
+        outgoing.extend_from_slice(format!("#{checksum:02x}").as_bytes());
     }
 
     fn send_all(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -402,7 +482,8 @@ impl gdbstub::conn::Connection for GdbConnection {
         if self.outgoing.is_empty() {
             return Ok(());
         }
-        let outgoing = std::mem::take(&mut self.outgoing);
+        let mut outgoing = std::mem::take(&mut self.outgoing);
+        self.advertise_local_features(&mut outgoing);
         let result = self.send_all(&outgoing);
         self.last_sent = outgoing;
         result
@@ -441,6 +522,38 @@ mod tests {
             .map(|b| framer.push(*b))
             .filter(|f| *f != Framed::Nothing)
             .collect()
+    }
+
+    #[test]
+    fn thread_list_is_served_in_pieces_and_advertised() {
+        let listener = GdbListener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
+        let GdbAddress::Tcp(addr) = listener.local_address().unwrap() else {
+            unreachable!()
+        };
+        let _client = TcpStream::connect(addr).unwrap();
+        let mut connection = listener.accept().unwrap();
+        assert_eq!(
+            connection.thread_list_reply(b"$qXfer:threads:read::0,fff#00"),
+            None
+        );
+        connection.serve_thread_list(2);
+        let whole = connection
+            .thread_list_reply(b"$qXfer:threads:read::0,fff#00")
+            .unwrap();
+        assert!(whole.starts_with("l<?xml"), "{whole}");
+        assert!(whole.contains("<thread id=\"p1.2\" core=\"1\">vCPU 1</thread>"));
+        let first = connection
+            .thread_list_reply(b"$qXfer:threads:read::0,10#00")
+            .unwrap();
+        assert_eq!(first, format!("m{}", &whole[1..17]));
+        let mut reply = b"+$PacketSize=1000;vContSupported+#00".to_vec();
+        connection.advertise_local_features(&mut reply);
+        let text = String::from_utf8(reply.clone()).unwrap();
+        assert!(text.starts_with("+$PacketSize=1000;vContSupported+;qXfer:threads:read+#"));
+        assert!(checksum_matches(&reply[1..]));
+        let mut other = b"$OK#9a".to_vec();
+        connection.advertise_local_features(&mut other);
+        assert_eq!(other, b"$OK#9a");
     }
 
     #[test]

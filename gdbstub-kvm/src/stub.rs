@@ -78,9 +78,10 @@ fn leave_running<T: DebugTarget + ?Sized>(adapter: &mut Adapter<'_, T>) -> Resul
 }
 
 fn run_session<T: DebugTarget + ?Sized>(
-    connection: GdbConnection,
+    mut connection: GdbConnection,
     adapter: &mut Adapter<'_, T>,
 ) -> Result<SessionEnd, StubError> {
+    connection.serve_thread_list(adapter.target.vcpu_count());
     let connection_fd = connection.raw_fd();
     let event_fd = adapter.target.stop_event_fd();
     let stub = GdbStubBuilder::new(connection)
