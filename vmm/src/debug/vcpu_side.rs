@@ -1,7 +1,7 @@
 //! The vCPU-thread half of the debugger: applying a resume (step, step over a hardware breakpoint), turning debug
 //! exits into stop events, and parking the vCPU when it reports one.
 
-use gdbstub_kvm::{ResumeAction, StopEvent, StopReason};
+use gdbstub_kvm::{GuestRegisters, ResumeAction, StopEvent, StopReason};
 use kvm_bindings::{
     kvm_debug_exit_arch, kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
@@ -129,15 +129,23 @@ impl Vcpu {
                 );
             }
         }
+        // The registers of a finished step: read once, for the `hlt` check and for the report.
+        let mut registers = None;
         if let Stepping::Requested { blockirq: true } = stepping {
-            if self.at_hlt() {
+            registers = self.registers(true).ok();
+            if registers.as_ref().is_some_and(|r| self.at_hlt(r)) {
                 // Clearing BLOCKIRQ on a `hlt` with an interrupt pending hangs the vCPU on PVM hosts: execute the
                 // `hlt` in the same step mode (it does not halt under single-step) and report the step after it.
                 self.debug_state.stepping = stepping;
                 return;
             }
         }
-        if stepping != Stepping::None {
+        let reports_step = matches!(
+            stepping,
+            Stepping::Requested { .. } | Stepping::OverHwBreakpoint { then_report: true }
+        );
+        // A vCPU that reports parks until the next resume, which sets its debug configuration anew.
+        if stepping != Stepping::None && !reports_step {
             // Back to the armed configuration: no single-step, DR7 re-armed.
             let armed = self.debug_state.armed;
             if let Err(e) = self.fd.set_guest_debug(&armed) {
@@ -149,7 +157,8 @@ impl Vcpu {
         }
         match stepping {
             Stepping::Requested { .. } | Stepping::OverHwBreakpoint { then_report: true } => {
-                self.debug_report(StopReason::StepDone);
+                let registers = registers.or_else(|| self.registers(true).ok());
+                self.debug_report_with(StopReason::StepDone, registers);
                 return;
             }
             Stepping::OverHwBreakpoint { then_report: false } => return,
@@ -200,14 +209,11 @@ impl Vcpu {
     }
 
     /// Whether the next instruction is `hlt`.
-    fn at_hlt(&self) -> bool {
-        let Ok(regs) = self.registers(false) else {
-            return false;
-        };
+    fn at_hlt(&self, regs: &GuestRegisters) -> bool {
         let mut byte = [0u8; 1];
         read_virt(
             &self.mem,
-            &PagingContext::from_regs(&regs),
+            &PagingContext::from_regs(regs),
             regs.rip,
             &mut byte,
         ) == 1
@@ -227,6 +233,11 @@ impl Vcpu {
         // gdb wants them at once (stop reply, then memory through this CR3): read here, where it costs only the
         // ioctls, rather than on request from the gdb thread, which costs two thread wake-ups more.
         let registers = self.registers(true).ok();
+        self.debug_report_with(reason, registers);
+    }
+
+    /// [`Vcpu::debug_report`] with the registers already read.
+    fn debug_report_with(&mut self, reason: StopReason, registers: Option<GuestRegisters>) {
         self.debug
             .record_parked(self.id, self.debug_state.generation, registers);
         self.set_state(VcpuState::Paused);
