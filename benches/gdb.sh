@@ -3,13 +3,13 @@
 # as gdb runs it, stop reply and frame included) and `dump binary memory` MB/s from the guest's direct map.
 # Goals (issue #4): steps >= 2x QEMU's, memory >= 4x.
 # Rounds alternate between the two (a fresh VM each, one at a time; medians reported), so that a busy host
-# slows both alike. Usage: benches/gdb.sh [STEPS] [MIB] [ROUNDS] (defaults 300 steps, 32 MiB, 3 rounds).
+# slows both alike. Usage: benches/gdb.sh [STEPS] [MIB] [ROUNDS] (defaults 300 steps, 32 MiB, 5 rounds).
 # Release build of vmm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-300}
 mib=${2:-32}
-rounds=${3:-3}
+rounds=${3:-5}
 cargo build --release -p vmm >&2
 vmm="${CARGO_TARGET_DIR:-target}/release/vmm"
 guest=$(scripts/build-guest)

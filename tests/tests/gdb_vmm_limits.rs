@@ -561,3 +561,41 @@ fn malformed_and_hostile_packets_get_errors_and_gdb_still_works() {
     assert!(!stderr.contains("panicked"));
     assert_eq!(code, Some(0), "kill stops the VM cleanly");
 }
+
+#[test]
+fn a_read_watch_on_a_page_the_guest_runs_code_from_is_explained_and_recoverable() {
+    // user_counter shares its page with the ring-3 code that bumps it: a read watch unmaps that page, and the
+    // next instruction fetch from it is an emulation failure on PVM hosts.
+    let vmm = Vmm::start("work=kernel_spin:50,user_hot_a:50 secs=60", "1");
+    let mut commands: Vec<&str> = TO_KERNEL_SPIN.to_vec();
+    commands.extend([
+        "rwatch *(unsigned long *)&user_counter",
+        "continue",
+        "echo after-stop\\n",
+        "delete",
+        "hbreak kernel_spin",
+        "continue",
+        "echo cpl-after-delete\\n",
+        "p $cs & 3",
+        "kill",
+    ]);
+    let out = run_gdb_in_order(&vmm.address, &commands);
+    let stop = &out[..out.find("after-stop").expect("marker")];
+    // Returning to ring 3 fetches from the unmapped page before any load of user_counter: KVM cannot run code
+    // from a page without a memory slot, and the stop says why instead of just "emulation failure".
+    assert!(stop.contains("received signal SIGSEGV"), "{stop}");
+    assert!(
+        stop.contains("which a read or access watchpoint took away from the guest"),
+        "{stop}"
+    );
+    let after = &out[out.find("cpl-after-delete").unwrap()..];
+    assert!(
+        after
+            .lines()
+            .any(|l| l.starts_with('$') && l.ends_with("= 0")),
+        "with the watch deleted the guest ran on to kernel_spin: {after}"
+    );
+    let (code, _, stderr) = vmm.finish();
+    assert!(!stderr.contains("panicked"));
+    assert_eq!(code, Some(0), "kill stops the VM cleanly");
+}

@@ -7,8 +7,8 @@ use kvm_bindings::{
     KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 
-use super::{dr, CR0_PG};
-use crate::paging::{read_virt, PagingContext};
+use super::{dr, protections, Protection, CR0_PG, PAGE_SIZE};
+use crate::paging::{self, read_virt, PagingContext};
 use crate::vcpu::{Vcpu, VcpuState};
 
 const HLT: u8 = 0xf4;
@@ -206,6 +206,19 @@ impl Vcpu {
                 .plant_pending(&self.mem, &PagingContext::from_regs(&regs)),
             _ => false,
         }
+    }
+
+    /// The guest physical page of RIP if a read or access watchpoint has taken it from the guest: on PVM hosts
+    /// an instruction fetch from it is a KVM emulation failure, which the crash report then explains.
+    pub(crate) fn code_page_read_watched(&self) -> Option<u64> {
+        let regs = self.registers(false).ok()?;
+        let gpa = paging::translate(&self.mem, &PagingContext::from_regs(&regs), regs.rip)
+            .ok()?
+            .gpa;
+        let page = gpa & !(PAGE_SIZE - 1);
+        let protected =
+            protections(&self.debug.watches()).get(&page) == Some(&Protection::Unmapped);
+        protected.then_some(page)
     }
 
     /// Whether the next instruction is `hlt`.
