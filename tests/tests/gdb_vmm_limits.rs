@@ -599,3 +599,31 @@ fn a_read_watch_on_a_page_the_guest_runs_code_from_is_explained_and_recoverable(
     assert!(!stderr.contains("panicked"));
     assert_eq!(code, Some(0), "kill stops the VM cleanly");
 }
+
+#[test]
+fn both_vcpus_hitting_one_breakpoint_are_each_reported_over_successive_continues() {
+    // Both vCPUs run kernel_spin: hits often coincide in one stop. The stub reports one and drops the other's
+    // event (that vCPU has not executed the int3 and hits it again when resumed), so gdb never gets a queued hit
+    // while it steps over a breakpoint, and nothing is lost.
+    let vmm = Vmm::start(LONG_RUN, "2");
+    let mut commands: Vec<&str> = TO_KERNEL_SPIN.to_vec();
+    commands.push("break kernel_leaf");
+    commands.extend(std::iter::repeat_n("continue", 24));
+    commands.extend(["delete", "kill"]);
+    let out = run_gdb_in_order(&vmm.address, &commands);
+    let hits: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" hit Breakpoint 2, "))
+        .collect();
+    assert_eq!(hits.len(), 24, "every continue stopped at the breakpoint");
+    for thread in ["Thread 1 ", "Thread 2 "] {
+        assert!(
+            hits.iter().any(|h| h.starts_with(thread)),
+            "{thread}reported: {hits:?}"
+        );
+    }
+    assert!(!out.contains("internal-error"), "gdb stayed sane");
+    let (code, _, stderr) = vmm.finish();
+    assert!(!stderr.contains("panicked"));
+    assert_eq!(code, Some(0), "kill stops the VM cleanly");
+}

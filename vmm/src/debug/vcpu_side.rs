@@ -241,7 +241,7 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
     }
 
-    /// Parks this vCPU and queues its stop for gdb. The gdb thread stops the other vCPUs before it reports it.
+    /// Queues this vCPU's stop for gdb and parks it. The gdb thread stops the other vCPUs before it reports it.
     pub(crate) fn debug_report(&mut self, reason: StopReason) {
         // gdb wants them at once (stop reply, then memory through this CR3): read here, where it costs only the
         // ioctls, rather than on request from the gdb thread, which costs two thread wake-ups more.
@@ -253,10 +253,13 @@ impl Vcpu {
     fn debug_report_with(&mut self, reason: StopReason, registers: Option<GuestRegisters>) {
         self.debug
             .record_parked(self.id, self.debug_state.generation, registers);
-        self.set_state(VcpuState::Paused);
         self.debug.queue().push(StopEvent {
             vcpu: self.id,
             reason,
         });
+        // Paused only once the event is queued: the gdb thread skips pausing a vCPU that parked itself during the
+        // latest resume, and must find its event in the queue by then (to drop a second breakpoint hit of the
+        // same stop, which gdb would otherwise get while stepping another vCPU over its breakpoint).
+        self.set_state(VcpuState::Paused);
     }
 }
