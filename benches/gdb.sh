@@ -48,7 +48,7 @@ PY
 measure() { # gdb address → "steps/s MB/s"
     gdb -batch -nx -ex 'set confirm off' -ex "file $guest" -ex "target remote $1" -x "$work/measure.py" 2>&1 |
         tee "$work/gdb.log" | awk '/^RESULT / { print $2, $3 }' | grep . ||
-        { echo "gdb.sh: no result from $1:" >&2; cat "$work/gdb.log" >&2; exit 1; }
+        { echo "gdb.sh: no result from $1:" >&2; cat "$work/gdb.log" "$work/vmm.err" "$work/qemu.err" >&2; exit 1; }
 }
 
 start_ours() { # → gdb address; the VMM prints the port it bound
