@@ -174,20 +174,35 @@ impl DebugShared {
         *active
     }
 
-    /// Records that `vcpu` parks itself now, in the resume numbered `generation`, with these registers.
-    pub(crate) fn record_parked(
+    /// A vCPU reports `event` and parks itself (`park`), in the resume numbered `generation`, with these
+    /// registers. All under the lock [`DebugShared::parked`] takes, so the gdb thread never sees the vCPU parked
+    /// by its report before the event is queued (it skips pausing such a vCPU, then drops every other breakpoint
+    /// hit of the stop from the queue: one queued later would reach gdb while it steps another vCPU over its
+    /// breakpoint, which gdb 13 asserts on).
+    pub(crate) fn report_parked(
         &self,
-        vcpu: usize,
+        event: StopEvent,
         generation: u64,
         registers: Option<GuestRegisters>,
+        park: impl FnOnce(),
     ) {
-        lock(&self.parked).insert(
-            vcpu,
+        let mut parked = lock(&self.parked);
+        parked.insert(
+            event.vcpu,
             ParkedStop {
                 generation,
                 registers,
             },
         );
+        park();
+        self.queue.push(event);
+    }
+
+    /// Forgets the registers recorded with `vcpu`'s last report (they were overwritten).
+    pub(crate) fn forget_parked_registers(&self, vcpu: usize) {
+        if let Some(parked) = lock(&self.parked).get_mut(&vcpu) {
+            parked.registers = None;
+        }
     }
 
     pub(crate) fn parked(&self, vcpu: usize) -> Option<ParkedStop> {

@@ -293,9 +293,7 @@ impl DebugTarget for VmDebugTarget {
         self.check_vcpu(vcpu)?;
         // What KVM keeps may differ from what was written (reserved bits): read it back next time.
         self.registers[vcpu] = None;
-        if let Some(parked) = self.shared.parked(vcpu) {
-            self.shared.record_parked(vcpu, parked.generation, None);
-        }
+        self.shared.forget_parked_registers(vcpu);
         self.control
             .set_registers(vcpu, *regs)
             .map_err(vcpu_failed("cannot write the vCPU's registers"))

@@ -251,15 +251,13 @@ impl Vcpu {
 
     /// [`Vcpu::debug_report`] with the registers already read.
     fn debug_report_with(&mut self, reason: StopReason, registers: Option<GuestRegisters>) {
-        self.debug
-            .record_parked(self.id, self.debug_state.generation, registers);
-        self.debug.queue().push(StopEvent {
+        let event = StopEvent {
             vcpu: self.id,
             reason,
-        });
-        // Paused only once the event is queued: the gdb thread skips pausing a vCPU that parked itself during the
-        // latest resume, and must find its event in the queue by then (to drop a second breakpoint hit of the
-        // same stop, which gdb would otherwise get while stepping another vCPU over its breakpoint).
-        self.set_state(VcpuState::Paused);
+        };
+        self.debug
+            .report_parked(event, self.debug_state.generation, registers, || {
+                self.set_state(VcpuState::Paused)
+            });
     }
 }
