@@ -18,7 +18,7 @@ use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps
 use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
 use gdbstub::target::{Target, TargetResult};
 
-use crate::arch::{X86_64Kvm, REGISTER_BLOCK_LEN};
+use crate::arch::{expedited_registers, RegNumber, X86_64Kvm, REGISTER_BLOCK_LEN};
 use crate::regs::GuestRegisters;
 use crate::target::{
     DebugTarget, ResumeAction, StopEvent, StopReason, TargetError, VcpuIndex, WatchKind,
@@ -99,6 +99,13 @@ impl<'t, T: DebugTarget + ?Sized> Adapter<'t, T> {
                 let _ = watch.remove_watchpoint(addr, len, kind);
             }
         }
+    }
+
+    /// The registers to send with a stop reply of the vCPU that just stopped (`None` if they cannot be read:
+    /// gdb then asks for them itself and gets the error).
+    pub(crate) fn expedited(&mut self) -> Option<Vec<(RegNumber, Vec<u8>)>> {
+        let regs = self.target.read_registers(self.focus_vcpu).ok()?;
+        Some(expedited_registers(&regs))
     }
 
     /// The gdb stop reply for a target event.

@@ -1,7 +1,9 @@
 //! The gdb architecture: x86-64 with SSE, segment bases and system registers, in the register order of
 //! `target.xml` (gdb's core and SSE sets, then fs_base/gs_base, then k_gs_base, cr0, cr2, cr3, cr4, cr8, efer).
 
-use gdbstub::arch::{Arch, Registers};
+use std::num::NonZeroUsize;
+
+use gdbstub::arch::{Arch, RegId, Registers};
 
 use crate::regs::GuestRegisters;
 
@@ -12,11 +14,46 @@ impl Arch for X86_64Kvm {
     type Usize = u64;
     type Registers = GuestRegisters;
     type BreakpointKind = usize;
-    type RegId = ();
+    type RegId = RegNumber;
 
     fn target_description_xml() -> Option<&'static str> {
         Some(TARGET_XML)
     }
+}
+
+/// A register by its number in `target.xml` order, which is gdb's remote register number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegNumber(pub usize);
+
+impl RegId for RegNumber {
+    // Single-register access (`p`/`P`) is not offered: gdb reads and writes the whole block.
+    fn from_raw_id(_id: usize) -> Option<(Self, Option<NonZeroUsize>)> {
+        None
+    }
+
+    fn to_raw_id(&self) -> Option<usize> {
+        Some(self.0)
+    }
+}
+
+/// How many registers a stop reply carries: rax..r15, rip, eflags and the six segment selectors (0-23).
+const EXPEDITED: usize = 24;
+
+/// The registers sent with every stop reply, as (number, little-endian bytes), so that gdb need not ask for
+/// them: enough to show the stop location and unwind from it without another round trip.
+pub(crate) fn expedited_registers(regs: &GuestRegisters) -> Vec<(RegNumber, Vec<u8>)> {
+    let mut block = Vec::with_capacity(REGISTER_BLOCK_LEN);
+    regs.gdb_serialize(|b| block.push(b.unwrap_or(0)));
+    let mut offset = 0;
+    (0..EXPEDITED)
+        .map(|number| {
+            // The 16 general registers and rip are 8 bytes; eflags and the selectors 4.
+            let size = if number <= 16 { 8 } else { 4 };
+            let value = block[offset..offset + size].to_vec();
+            offset += size;
+            (RegNumber(number), value)
+        })
+        .collect()
 }
 
 /// The target description served to gdb.

@@ -9,6 +9,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::stub::PACKET_SIZE;
+
 /// Where the stub listens: `HOST:PORT` / `PORT` (TCP; a bare port means 127.0.0.1) or `unix:PATH` / a path with a
 /// `/` in it (unix socket).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +137,8 @@ impl GdbListener {
             outgoing: Vec::new(),
             last_sent: Vec::new(),
             framer: PacketFramer::default(),
+            threads: 0,
+            no_ack: false,
         })
     }
 }
@@ -162,6 +166,10 @@ pub struct GdbConnection {
     /// The last flushed reply, for gdb's nack (`-`), which `gdbstub` itself treats as fatal.
     last_sent: Vec<u8>,
     framer: PacketFramer,
+    /// Threads listed for `qXfer:threads:read`, which this connection answers itself (0: not offered).
+    threads: usize,
+    /// gdb turned acks off (`QStartNoAckMode`).
+    no_ack: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +237,39 @@ impl PacketFramer {
     }
 }
 
+/// The most bytes one `m` packet may ask for: its hex reply fills a packet. `gdbstub` answers any length in one
+/// reply, reading chunk after chunk, so `m0,ffffffffffff` would stream gigabytes while holding the session;
+/// gdb itself never asks for more than its packet size allows and takes a short reply as a partial read.
+const MAX_MEMORY_READ: u64 = (PACKET_SIZE / 2) as u64;
+
+/// A whole packet `$m<addr>,<len>#xx` with `len` above [`MAX_MEMORY_READ`] becomes the same packet asking for
+/// [`MAX_MEMORY_READ`] bytes; every other packet passes as it is.
+fn clamp_memory_read(packet: Vec<u8>) -> Vec<u8> {
+    let Some(body) = packet
+        .strip_prefix(b"$m")
+        .and_then(|rest| rest.get(..rest.len().checked_sub(3)?))
+    else {
+        return packet;
+    };
+    let Some((addr, len)) = std::str::from_utf8(body)
+        .ok()
+        .and_then(|body| body.split_once(','))
+    else {
+        return packet;
+    };
+    if u64::from_str_radix(addr, 16).is_err() {
+        return packet;
+    }
+    match u64::from_str_radix(len, 16) {
+        Ok(len) if len > MAX_MEMORY_READ => {
+            let body = format!("m{addr},{MAX_MEMORY_READ:x}");
+            let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+            format!("${body}#{checksum:02x}").into_bytes()
+        }
+        _ => packet,
+    }
+}
+
 fn checksum_matches(packet: &[u8]) -> bool {
     let (framed, checksum) = packet.split_at(packet.len() - 2);
     let body = &framed[1..framed.len() - 1];
@@ -263,7 +304,15 @@ impl GdbConnection {
         for byte in &buf[..n] {
             match self.framer.push(*byte) {
                 Framed::Nothing => {}
-                Framed::Pass(bytes) => incoming.extend(bytes),
+                Framed::Pass(bytes) => {
+                    if bytes.starts_with(b"$QStartNoAckMode#") {
+                        self.no_ack = true;
+                    }
+                    match self.thread_list_reply(&bytes) {
+                        Some(reply) => self.send_local_reply(&reply)?,
+                        None => incoming.extend(clamp_memory_read(bytes)),
+                    }
+                }
                 Framed::Nack => self.send_all(b"-")?,
                 Framed::Resend => {
                     let last = std::mem::take(&mut self.last_sent);
@@ -276,10 +325,131 @@ impl GdbConnection {
         Ok(n)
     }
 
+    /// Answers `qXfer:threads:read` for `count` threads (ids 1..=count) here, one round trip where `gdbstub`
+    /// (which lacks it) makes gdb use two (`qfThreadInfo`, `qsThreadInfo`); gdb lists threads after every
+    /// stop, `stepi` included.
+    pub(crate) fn serve_thread_list(&mut self, count: usize) {
+        self.threads = count;
+    }
+
+    /// The reply to a whole packet if it is a `qXfer:threads:read` this connection answers.
+    fn thread_list_reply(&self, packet: &[u8]) -> Option<String> {
+        if self.threads == 0 {
+            return None;
+        }
+        let body = std::str::from_utf8(packet).ok()?;
+        let request = body.strip_prefix("$qXfer:threads:read::")?;
+        let (offset, length) = request.get(..request.len() - 3)?.split_once(',')?;
+        let offset = usize::from_str_radix(offset, 16).ok()?;
+        let length = usize::from_str_radix(length, 16).ok()?;
+        let mut xml = String::from("<?xml version=\"1.0\"?>\n<threads>\n");
+        for vcpu in 0..self.threads {
+            // The text is the extra information `info threads` shows, as qThreadExtraInfo gives it.
+            xml.push_str(&format!(
+                "<thread id=\"p1.{:x}\" core=\"{vcpu}\">vCPU {vcpu}</thread>\n",
+                vcpu + 1
+            ));
+        }
+        xml.push_str("</threads>\n");
+        let start = offset.min(xml.len());
+        let end = start.saturating_add(length).min(xml.len());
+        let marker = if end == xml.len() { 'l' } else { 'm' };
+        Some(format!("{marker}{}", &xml[start..end]))
+    }
+
+    fn send_local_reply(&mut self, body: &str) -> io::Result<()> {
+        let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+        let ack = if self.no_ack { "" } else { "+" };
+        let packet = format!("{ack}${body}#{checksum:02x}").into_bytes();
+        self.send_all(&packet)?;
+        self.last_sent = packet;
+        Ok(())
+    }
+
+    /// Adds what this connection answers itself to `gdbstub`'s `qSupported` reply (which starts with
+    /// `PacketSize=`, after an ack while acks are on).
+    fn advertise_local_features(&self, outgoing: &mut Vec<u8>) {
+        if self.threads == 0 {
+            return;
+        }
+        let Some(start) = (0..=1).find(|&i| outgoing[i..].starts_with(b"$PacketSize=")) else {
+            return;
+        };
+        let Some(hash) = outgoing
+            .len()
+            .checked_sub(3)
+            .filter(|&h| outgoing[h] == b'#')
+        else {
+            return;
+        };
+        let mut body = outgoing[start + 1..hash].to_vec();
+        body.extend_from_slice(b";qXfer:threads:read+");
+        let checksum = body.iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
+        outgoing.truncate(start);
+        outgoing.push(b'$');
+        outgoing.extend_from_slice(&body);
+        outgoing.extend_from_slice(format!("#{checksum:02x}").as_bytes());
+    }
+
     fn send_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         match &mut self.stream {
             Stream::Tcp(s) => s.write_all(bytes),
             Stream::Unix(s) => s.write_all(bytes),
+        }
+    }
+
+    /// Turns this connection away: answers gdb's first packet (its `qSupported`) with an `E.` error carrying
+    /// `reason`, which gdb prints as `Remote failure reply: E.<reason>`, then closes. Waits at most `patience`
+    /// for that first packet, so a client that sends nothing cannot hold the caller.
+    pub fn refuse(mut self, reason: &str, patience: std::time::Duration) -> io::Result<()> {
+        match &self.stream {
+            Stream::Tcp(s) => s.set_read_timeout(Some(patience))?,
+            Stream::Unix(s) => s.set_read_timeout(Some(patience))?,
+        }
+        let mut buf = [0u8; 4096];
+        'first_packet: loop {
+            let n = match &mut self.stream {
+                Stream::Tcp(s) => s.read(&mut buf)?,
+                Stream::Unix(s) => s.read(&mut buf)?,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            for byte in &buf[..n] {
+                if let Framed::Pass(packet) = self.framer.push(*byte) {
+                    if packet.first() == Some(&b'$') {
+                        break 'first_packet;
+                    }
+                }
+            }
+        }
+        // Characters with a meaning in the framing cannot appear in a packet body.
+        let text: String = reason
+            .chars()
+            .map(|c| {
+                if matches!(c, '$' | '#' | '}' | '*') {
+                    ' '
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let body = format!("E.{text}");
+        let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+        self.send_all(format!("+${body}#{checksum:02x}").as_bytes())?;
+        // Closing with gdb's next packets unread would reset the connection before gdb reads the reply.
+        match &self.stream {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write)?,
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write)?,
+        }
+        loop {
+            let n = match &mut self.stream {
+                Stream::Tcp(s) => s.read(&mut buf),
+                Stream::Unix(s) => s.read(&mut buf),
+            };
+            if !matches!(n, Ok(1..)) {
+                return Ok(());
+            }
         }
     }
 
@@ -312,7 +482,8 @@ impl gdbstub::conn::Connection for GdbConnection {
         if self.outgoing.is_empty() {
             return Ok(());
         }
-        let outgoing = std::mem::take(&mut self.outgoing);
+        let mut outgoing = std::mem::take(&mut self.outgoing);
+        self.advertise_local_features(&mut outgoing);
         let result = self.send_all(&outgoing);
         self.last_sent = outgoing;
         result
@@ -351,6 +522,60 @@ mod tests {
             .map(|b| framer.push(*b))
             .filter(|f| *f != Framed::Nothing)
             .collect()
+    }
+
+    #[test]
+    fn thread_list_is_served_in_pieces_and_advertised() {
+        let listener = GdbListener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
+        let GdbAddress::Tcp(addr) = listener.local_address().unwrap() else {
+            unreachable!()
+        };
+        let _client = TcpStream::connect(addr).unwrap();
+        let mut connection = listener.accept().unwrap();
+        assert_eq!(
+            connection.thread_list_reply(b"$qXfer:threads:read::0,fff#00"),
+            None
+        );
+        connection.serve_thread_list(2);
+        let whole = connection
+            .thread_list_reply(b"$qXfer:threads:read::0,fff#00")
+            .unwrap();
+        assert!(whole.starts_with("l<?xml"), "{whole}");
+        assert!(whole.contains("<thread id=\"p1.2\" core=\"1\">vCPU 1</thread>"));
+        let first = connection
+            .thread_list_reply(b"$qXfer:threads:read::0,10#00")
+            .unwrap();
+        assert_eq!(first, format!("m{}", &whole[1..17]));
+        let mut reply = b"+$PacketSize=1000;vContSupported+#00".to_vec();
+        connection.advertise_local_features(&mut reply);
+        let text = String::from_utf8(reply.clone()).unwrap();
+        assert!(text.starts_with("+$PacketSize=1000;vContSupported+;qXfer:threads:read+#"));
+        assert!(checksum_matches(&reply[1..]));
+        let mut other = b"$OK#9a".to_vec();
+        connection.advertise_local_features(&mut other);
+        assert_eq!(other, b"$OK#9a");
+    }
+
+    #[test]
+    fn memory_reads_are_clamped_to_one_reply() {
+        let packet = |body: &str| {
+            let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
+            format!("${body}#{checksum:02x}").into_bytes()
+        };
+        assert_eq!(
+            clamp_memory_read(packet("mffffffff80000000,ffffffff")),
+            packet(&format!("mffffffff80000000,{MAX_MEMORY_READ:x}"))
+        );
+        for untouched in [
+            "m1000,10",
+            "m1000,8000",
+            "mzz,ffffffff",
+            "M0,ffffffff:00",
+            "g",
+        ] {
+            assert_eq!(clamp_memory_read(packet(untouched)), packet(untouched));
+        }
+        assert!(checksum_matches(&clamp_memory_read(packet("m0,ffffffff"))));
     }
 
     #[test]

@@ -78,9 +78,10 @@ fn leave_running<T: DebugTarget + ?Sized>(adapter: &mut Adapter<'_, T>) -> Resul
 }
 
 fn run_session<T: DebugTarget + ?Sized>(
-    connection: GdbConnection,
+    mut connection: GdbConnection,
     adapter: &mut Adapter<'_, T>,
 ) -> Result<SessionEnd, StubError> {
+    connection.serve_thread_list(adapter.target.vcpu_count());
     let connection_fd = connection.raw_fd();
     let event_fd = adapter.target.stop_event_fd();
     let stub = GdbStubBuilder::new(connection)
@@ -132,7 +133,15 @@ fn run_session<T: DebugTarget + ?Sized>(
                                     let _ = inner.borrow_conn().send_console_output(&line);
                                 }
                                 let stop = adapter.stop_reason(event);
-                                let next = inner.report_stop(adapter, stop).map_err(protocol)?;
+                                let next = match exit.is_none().then(|| adapter.expedited()) {
+                                    Some(Some(regs)) => inner.report_stop_with_regs(
+                                        adapter,
+                                        stop,
+                                        &mut regs.iter().map(|(n, v)| (*n, v.as_slice())),
+                                    ),
+                                    _ => inner.report_stop(adapter, stop),
+                                }
+                                .map_err(protocol)?;
                                 if let Some(status) = exit {
                                     return Ok(SessionEnd::TargetExited { status });
                                 }

@@ -610,11 +610,16 @@ impl Vcpu {
         let VmEnd::Crash { reason, .. } = &end else {
             return Some(end);
         };
+        let description = match self.code_page_read_watched() {
+            Some(page) => format!(
+                "{reason}: it runs code from guest page {page:#x}, which a read or access watchpoint took away \
+                 from the guest (page protection); delete that watchpoint and it can continue"
+            ),
+            None => reason.clone(),
+        };
         let event = StopEvent {
             vcpu: self.id,
-            reason: StopReason::Crashed {
-                description: reason.clone(),
-            },
+            reason: StopReason::Crashed { description },
         };
         let held = self
             .debug

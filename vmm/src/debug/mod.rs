@@ -14,7 +14,7 @@ mod vcpu_side;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use gdbstub_kvm::{StopEvent, StopQueue, StopReason, WatchKind};
+use gdbstub_kvm::{GuestRegisters, StopEvent, StopQueue, StopReason, WatchKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::paging::{self, PagingContext};
@@ -104,6 +104,14 @@ pub enum MmioOutcome {
     Hit(StopReason),
 }
 
+/// A vCPU that parked itself to report a stop: during which resume (the gdb thread numbers them), and its
+/// registers at that moment. The gdb thread then needs neither a pause request nor a register read from it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ParkedStop {
+    pub generation: u64,
+    pub registers: Option<GuestRegisters>,
+}
+
 /// Debug state shared by the gdb thread and every vCPU thread.
 pub struct DebugShared {
     queue: StopQueue,
@@ -114,6 +122,8 @@ pub struct DebugShared {
     /// Whether a gdb is attached. A lock rather than an atomic: a vCPU decides to hold a crash for gdb and
     /// queues it under it, so a session cannot end in between and leave the vCPU parked for nobody.
     session_active: Mutex<bool>,
+    /// Per vCPU index: its last self-reported stop (see [`ParkedStop`]).
+    parked: Mutex<BTreeMap<usize, ParkedStop>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -129,6 +139,7 @@ impl DebugShared {
             pending_sw_breakpoints: Mutex::new(Vec::new()),
             watches: Mutex::new(Vec::new()),
             session_active: Mutex::new(false),
+            parked: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -161,6 +172,41 @@ impl DebugShared {
             self.queue.push(event);
         }
         *active
+    }
+
+    /// A vCPU reports `event` and parks itself (`park`), in the resume numbered `generation`, with these
+    /// registers. All under the lock [`DebugShared::parked`] takes, so the gdb thread never sees the vCPU parked
+    /// by its report before the event is queued (it skips pausing such a vCPU, then drops every other breakpoint
+    /// hit of the stop from the queue: one queued later would reach gdb while it steps another vCPU over its
+    /// breakpoint, which gdb 13 asserts on).
+    pub(crate) fn report_parked(
+        &self,
+        event: StopEvent,
+        generation: u64,
+        registers: Option<GuestRegisters>,
+        park: impl FnOnce(),
+    ) {
+        let mut parked = lock(&self.parked);
+        parked.insert(
+            event.vcpu,
+            ParkedStop {
+                generation,
+                registers,
+            },
+        );
+        park();
+        self.queue.push(event);
+    }
+
+    /// Forgets the registers recorded with `vcpu`'s last report (they were overwritten).
+    pub(crate) fn forget_parked_registers(&self, vcpu: usize) {
+        if let Some(parked) = lock(&self.parked).get_mut(&vcpu) {
+            parked.registers = None;
+        }
+    }
+
+    pub(crate) fn parked(&self, vcpu: usize) -> Option<ParkedStop> {
+        lock(&self.parked).get(&vcpu).copied()
     }
 
     /// Whether the debugger planted the int3 at this guest virtual address.

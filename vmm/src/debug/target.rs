@@ -31,6 +31,12 @@ pub struct VmDebugTarget {
     next_watch_id: u64,
     /// Per vCPU: the RIP of the hardware breakpoint it was last reported stopped on.
     hw_stops: Vec<Option<u64>>,
+    /// Per vCPU: its registers as last read while stopped (`true`: with the FPU/SSE state). A stopped vCPU's
+    /// registers change only through `write_registers`; every resume forgets them. gdb reads registers and
+    /// memory (which needs CR3) several times per stop, each a round trip to the vCPU thread otherwise.
+    registers: Vec<Option<(GuestRegisters, bool)>>,
+    /// Number of the latest `resume`; a vCPU that reported a stop during it has parked itself.
+    generation: u64,
 }
 
 fn vcpu_failed(what: &str) -> impl FnOnce(VcpuError) -> TargetError + '_ {
@@ -45,6 +51,8 @@ impl VmDebugTarget {
             caps,
             dr_slots: [None; dr::SLOTS],
             hw_stops: vec![None; control.vcpu_count()],
+            registers: vec![None; control.vcpu_count()],
+            generation: 0,
             next_watch_id: 0,
             control,
         }
@@ -68,17 +76,49 @@ impl VmDebugTarget {
         }
     }
 
-    fn paging_context(&self, vcpu: VcpuIndex) -> Result<PagingContext, TargetError> {
-        self.check_vcpu(vcpu)?;
-        let regs = self
-            .control
-            .registers(vcpu, false)
-            .map_err(vcpu_failed("cannot read the vCPU's paging registers"))?;
+    fn paging_context(&mut self, vcpu: VcpuIndex) -> Result<PagingContext, TargetError> {
+        let regs = self.registers_of(vcpu, false)?;
         Ok(PagingContext::from_regs(&regs))
     }
 
+    /// A stopped vCPU's registers, from the cache when it has them (`with_fpu`: the FPU/SSE state too).
+    fn registers_of(
+        &mut self,
+        vcpu: VcpuIndex,
+        with_fpu: bool,
+    ) -> Result<GuestRegisters, TargetError> {
+        self.check_vcpu(vcpu)?;
+        if let Some((regs, full)) = self.registers[vcpu] {
+            if full || !with_fpu {
+                return Ok(regs);
+            }
+        }
+        if let Some(regs) = self.parked_by_report(vcpu).and_then(|p| p.registers) {
+            self.registers[vcpu] = Some((regs, true));
+            return Ok(regs);
+        }
+        let regs = self
+            .control
+            .registers(vcpu, with_fpu)
+            .map_err(vcpu_failed("cannot read the vCPU's registers"))?;
+        // Only a parked vCPU's registers stay put; one running for the VMM (no session) is not cached.
+        if self.control.handles()[vcpu].state() != VcpuState::Running {
+            self.registers[vcpu] = Some((regs, with_fpu));
+        }
+        Ok(regs)
+    }
+
+    /// The stop `vcpu` reported during the latest resume, if it did: it has parked itself since and nothing
+    /// but the gdb thread (this) makes it run again.
+    fn parked_by_report(&self, vcpu: VcpuIndex) -> Option<super::ParkedStop> {
+        self.shared
+            .parked(vcpu)
+            .filter(|p| p.generation == self.generation)
+            .filter(|_| self.control.handles()[vcpu].state() == VcpuState::Paused)
+    }
+
     /// Translates a breakpoint or watch address with vCPU 0's page tables (kernel mappings are shared).
-    fn translate(&self, gva: u64) -> Result<paging::Translation, TargetError> {
+    fn translate(&mut self, gva: u64) -> Result<paging::Translation, TargetError> {
         let ctx = self.paging_context(0)?;
         if ctx.cr0 & CR0_PG == 0 {
             return Err(TargetError::refused(format!(
@@ -91,7 +131,7 @@ impl VmDebugTarget {
     }
 
     /// On PVM hosts every debug event of ring-3 code goes to the guest: breakpoints there can never stop.
-    fn refuse_user_code(&self, gva: u64, what: &str) -> Result<(), TargetError> {
+    fn refuse_user_code(&mut self, gva: u64, what: &str) -> Result<(), TargetError> {
         if !self.caps.pvm {
             return Ok(());
         }
@@ -186,8 +226,8 @@ impl DebugTarget for VmDebugTarget {
 
     fn pause_all(&mut self) -> Result<(), TargetError> {
         let mut waits = Vec::new();
-        for handle in self.control.handles() {
-            if handle.state() == VcpuState::Exited {
+        for (vcpu, handle) in self.control.handles().iter().enumerate() {
+            if handle.state() == VcpuState::Exited || self.parked_by_report(vcpu).is_some() {
                 continue;
             }
             let (tx, rx) = std::sync::mpsc::channel();
@@ -219,6 +259,9 @@ impl DebugTarget for VmDebugTarget {
         }
         let armed = self.armed();
         let blockirq = self.caps.has_blockirq();
+        self.registers.iter_mut().for_each(|r| *r = None);
+        self.generation += 1;
+        let generation = self.generation;
         for &(vcpu, action) in actions {
             let handle = &self.control.handles()[vcpu];
             if handle.state() == VcpuState::Exited {
@@ -231,6 +274,7 @@ impl DebugTarget for VmDebugTarget {
                     blockirq,
                     step_over_hw_at: self.hw_stops[vcpu].take(),
                     plant_pending: !self.shared.pending_sw_breakpoints().is_empty(),
+                    generation,
                 }))
                 .map_err(vcpu_failed("cannot resume the vCPU"))?;
         }
@@ -238,10 +282,7 @@ impl DebugTarget for VmDebugTarget {
     }
 
     fn read_registers(&mut self, vcpu: VcpuIndex) -> Result<GuestRegisters, TargetError> {
-        self.check_vcpu(vcpu)?;
-        self.control
-            .registers(vcpu, true)
-            .map_err(vcpu_failed("cannot read the vCPU's registers"))
+        self.registers_of(vcpu, true)
     }
 
     fn write_registers(
@@ -250,6 +291,9 @@ impl DebugTarget for VmDebugTarget {
         regs: &GuestRegisters,
     ) -> Result<(), TargetError> {
         self.check_vcpu(vcpu)?;
+        // What KVM keeps may differ from what was written (reserved bits): read it back next time.
+        self.registers[vcpu] = None;
+        self.shared.forget_parked_registers(vcpu);
         self.control
             .set_registers(vcpu, *regs)
             .map_err(vcpu_failed("cannot write the vCPU's registers"))
@@ -307,11 +351,7 @@ impl DebugTarget for VmDebugTarget {
         let _ = self.pause_all();
         let event = self.shared.queue().take()?;
         if event.reason == StopReason::HwBreakpoint {
-            self.hw_stops[event.vcpu] = self
-                .control
-                .registers(event.vcpu, false)
-                .ok()
-                .map(|r| r.rip);
+            self.hw_stops[event.vcpu] = self.registers_of(event.vcpu, false).ok().map(|r| r.rip);
         }
         self.drop_pending_breakpoint_hits();
         Some(event)

@@ -1,14 +1,14 @@
 //! The vCPU-thread half of the debugger: applying a resume (step, step over a hardware breakpoint), turning debug
 //! exits into stop events, and parking the vCPU when it reports one.
 
-use gdbstub_kvm::{ResumeAction, StopEvent, StopReason};
+use gdbstub_kvm::{GuestRegisters, ResumeAction, StopEvent, StopReason};
 use kvm_bindings::{
     kvm_debug_exit_arch, kvm_guest_debug, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 
-use super::{dr, CR0_PG};
-use crate::paging::{read_virt, PagingContext};
+use super::{dr, protections, Protection, CR0_PG, PAGE_SIZE};
+use crate::paging::{self, read_virt, PagingContext};
 use crate::vcpu::{Vcpu, VcpuState};
 
 const HLT: u8 = 0xf4;
@@ -31,6 +31,8 @@ pub struct DebugResume {
     /// Software breakpoints wait for the guest to enable paging: a continued vCPU without paging steps until it
     /// has it and plants them.
     pub plant_pending: bool,
+    /// The gdb thread's number for this resume, recorded with the stop this vCPU reports (see `ParkedStop`).
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,15 +53,19 @@ enum Stepping {
 pub struct VcpuDebugState {
     armed: kvm_guest_debug,
     stepping: Stepping,
+    generation: u64,
 }
 
 impl Vcpu {
     /// Serves `VcpuRequest::DebugResume`: configures guest debug for the action and starts running.
     pub(crate) fn debug_resume(&mut self, resume: DebugResume) {
         self.debug_state.armed = resume.armed;
-        let rip = match self.fd.get_regs() {
-            Ok(regs) => regs.rip,
-            Err(e) => {
+        self.debug_state.generation = resume.generation;
+        // RIP matters only to a vCPU that stopped on a hardware breakpoint (one ioctl saved per step otherwise).
+        let rip = match resume.step_over_hw_at.map(|_| self.fd.get_regs()) {
+            None => None,
+            Some(Ok(regs)) => Some(regs.rip),
+            Some(Err(e)) => {
                 self.debug_report(StopReason::Crashed {
                     description: format!("cannot read registers to resume: {e}"),
                 });
@@ -70,7 +76,8 @@ impl Vcpu {
         if resume.blockirq {
             step_flags |= KVM_GUESTDBG_BLOCKIRQ;
         }
-        let stopped_on_hw = resume.step_over_hw_at == Some(rip)
+        let stopped_on_hw = rip.is_some()
+            && resume.step_over_hw_at == rip
             && resume.armed.control & KVM_GUESTDBG_USE_HW_BP != 0;
         let mut dbg = resume.armed;
         self.debug_state.stepping = if stopped_on_hw {
@@ -122,15 +129,23 @@ impl Vcpu {
                 );
             }
         }
+        // The registers of a finished step: read once, for the `hlt` check and for the report.
+        let mut registers = None;
         if let Stepping::Requested { blockirq: true } = stepping {
-            if self.at_hlt() {
+            registers = self.registers(true).ok();
+            if registers.as_ref().is_some_and(|r| self.at_hlt(r)) {
                 // Clearing BLOCKIRQ on a `hlt` with an interrupt pending hangs the vCPU on PVM hosts: execute the
                 // `hlt` in the same step mode (it does not halt under single-step) and report the step after it.
                 self.debug_state.stepping = stepping;
                 return;
             }
         }
-        if stepping != Stepping::None {
+        let reports_step = matches!(
+            stepping,
+            Stepping::Requested { .. } | Stepping::OverHwBreakpoint { then_report: true }
+        );
+        // A vCPU that reports parks until the next resume, which sets its debug configuration anew.
+        if stepping != Stepping::None && !reports_step {
             // Back to the armed configuration: no single-step, DR7 re-armed.
             let armed = self.debug_state.armed;
             if let Err(e) = self.fd.set_guest_debug(&armed) {
@@ -142,7 +157,8 @@ impl Vcpu {
         }
         match stepping {
             Stepping::Requested { .. } | Stepping::OverHwBreakpoint { then_report: true } => {
-                self.debug_report(StopReason::StepDone);
+                let registers = registers.or_else(|| self.registers(true).ok());
+                self.debug_report_with(StopReason::StepDone, registers);
                 return;
             }
             Stepping::OverHwBreakpoint { then_report: false } => return,
@@ -192,15 +208,25 @@ impl Vcpu {
         }
     }
 
+    /// The guest physical page of RIP if a read or access watchpoint has taken it from the guest: on PVM hosts
+    /// an instruction fetch from it is a KVM emulation failure, which the crash report then explains.
+    pub(crate) fn code_page_read_watched(&self) -> Option<u64> {
+        let regs = self.registers(false).ok()?;
+        let gpa = paging::translate(&self.mem, &PagingContext::from_regs(&regs), regs.rip)
+            .ok()?
+            .gpa;
+        let page = gpa & !(PAGE_SIZE - 1);
+        let protected =
+            protections(&self.debug.watches()).get(&page) == Some(&Protection::Unmapped);
+        protected.then_some(page)
+    }
+
     /// Whether the next instruction is `hlt`.
-    fn at_hlt(&self) -> bool {
-        let Ok(regs) = self.registers(false) else {
-            return false;
-        };
+    fn at_hlt(&self, regs: &GuestRegisters) -> bool {
         let mut byte = [0u8; 1];
         read_virt(
             &self.mem,
-            &PagingContext::from_regs(&regs),
+            &PagingContext::from_regs(regs),
             regs.rip,
             &mut byte,
         ) == 1
@@ -215,12 +241,23 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
     }
 
-    /// Parks this vCPU and queues its stop for gdb. The gdb thread stops the other vCPUs before it reports it.
+    /// Queues this vCPU's stop for gdb and parks it. The gdb thread stops the other vCPUs before it reports it.
     pub(crate) fn debug_report(&mut self, reason: StopReason) {
-        self.set_state(VcpuState::Paused);
-        self.debug.queue().push(StopEvent {
+        // gdb wants them at once (stop reply, then memory through this CR3): read here, where it costs only the
+        // ioctls, rather than on request from the gdb thread, which costs two thread wake-ups more.
+        let registers = self.registers(true).ok();
+        self.debug_report_with(reason, registers);
+    }
+
+    /// [`Vcpu::debug_report`] with the registers already read.
+    fn debug_report_with(&mut self, reason: StopReason, registers: Option<GuestRegisters>) {
+        let event = StopEvent {
             vcpu: self.id,
             reason,
-        });
+        };
+        self.debug
+            .report_parked(event, self.debug_state.generation, registers, || {
+                self.set_state(VcpuState::Paused)
+            });
     }
 }
