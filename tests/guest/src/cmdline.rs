@@ -1,6 +1,6 @@
 //! PVH start info and the command line: `work=NAME:WEIGHT,...`, `secs=N`, `hz=N`, `fault=MODE`, `cpus=N`,
-//! `slice_us=N`, and the hostile modes (`hostile=LIST`, `storm=N`, `irqs=N`, `irq_secs=N`, `seed=N`). Unknown
-//! options are reported and ignored.
+//! `slice_us=N`, `boot_only=1`, and the hostile modes (`hostile=LIST`, `storm=N`, `irqs=N`, `irq_secs=N`,
+//! `seed=N`). Unknown options are reported and ignored.
 
 use crate::boot::phys;
 use crate::console::Line;
@@ -68,6 +68,8 @@ pub struct Config {
     pub irq_secs: u64,
     /// Seed of the storms' random numbers.
     pub seed: u64,
+    /// Exit 0 right after the command-line line: no calibration, no CPUs, no workload (boot-time benchmarks).
+    pub boot_only: bool,
     pub n: usize,
     pub ids: [u64; NWORK],
     pub weights: [u64; NWORK],
@@ -86,6 +88,7 @@ impl Config {
         irqs: 1_000_000,
         irq_secs: 20,
         seed: 1,
+        boot_only: false,
         n: 3,
         ids: [USER_HOT_A, USER_HOT_B, USER_COLD, 0, 0],
         weights: [60, 30, 10, 0, 0],
@@ -296,6 +299,12 @@ pub fn parse(s: &[u8]) -> Config {
                     .unwrap_or_else(|| bad("irq_secs", v))
             }
             b"seed" => c.seed = number(v).unwrap_or_else(|| bad("seed", v)),
+            b"boot_only" => {
+                c.boot_only = number(v)
+                    .filter(|&b| b <= 1)
+                    .unwrap_or_else(|| bad("boot_only", v))
+                    == 1
+            }
             b"fault" => {
                 c.fault = FAULT_NAMES
                     .iter()
