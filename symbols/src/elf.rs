@@ -10,6 +10,7 @@ use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use object::{
     Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind,
@@ -39,8 +40,11 @@ struct DwarfContext {
     // Declared before `_decompressed` so it is dropped first: it may borrow from those buffers.
     context: addr2line::Context<Slice>,
     discriminators: DiscriminatorCache,
-    /// Units addr2line will silently skip (bad header or abbreviations): their code has no line info.
-    unit_problems: Option<String>,
+    /// The sections `context` reads, kept to check unit headers only when someone asks for problems.
+    sections: Arc<gimli::Dwarf<Slice>>,
+    /// Units addr2line will silently skip (bad header or abbreviations): their code has no line info. Found on
+    /// the first [`ElfObject::dwarf_problem`] call, not at load: a tenth of a cold batch nobody may ask for.
+    unit_problems: OnceCell<Option<String>>,
     _decompressed: Vec<Box<[u8]>>,
 }
 
@@ -205,8 +209,8 @@ impl ElfObject {
             .collect()
     }
 
-    pub fn frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
-        let mut frames = self.dwarf_frames(link_addr, demangle);
+    pub fn frames(&self, link_addr: u64, demangle: bool, discriminators: bool) -> Vec<Frame> {
+        let mut frames = self.dwarf_frames(link_addr, demangle, discriminators);
         let symbol = self.symtab.lookup(link_addr);
         match frames.last_mut() {
             Some(outer) => {
@@ -240,11 +244,15 @@ impl ElfObject {
     pub fn dwarf_problem(&self) -> Option<String> {
         match self.dwarf.get() {
             Some(Err(e)) => return Some(format!("DWARF unusable, symbol table only: {e}")),
-            Some(Ok(DwarfContext {
-                unit_problems: Some(problem),
-                ..
-            })) => return Some(problem.clone()),
-            _ => {}
+            Some(Ok(context)) => {
+                if let Some(problem) = context
+                    .unit_problems
+                    .get_or_init(|| check_unit_headers(&context.sections))
+                {
+                    return Some(problem.clone());
+                }
+            }
+            None => {}
         }
         let count = self.lookup_errors.get();
         let first = self.first_lookup_error.borrow();
@@ -260,7 +268,7 @@ impl ElfObject {
             .get_or_insert_with(|| format!("{link_addr:#x}: {error}"));
     }
 
-    fn dwarf_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
+    fn dwarf_frames(&self, link_addr: u64, demangle: bool, discriminators: bool) -> Vec<Frame> {
         if self.relocatable {
             // Relocatable DWARF (a `.ko`) is meaningless without applying relocations; symbols only.
             return Vec::new();
@@ -312,7 +320,10 @@ impl ElfObject {
         if let Some(outer) = frames.last_mut() {
             outer.inlined = false;
         }
-        if let Some(innermost) = frames.first_mut().filter(|f| f.line.is_some()) {
+        if let Some(innermost) = frames
+            .first_mut()
+            .filter(|f| discriminators && f.line.is_some())
+        {
             if let Some(unit) = dwarf
                 .context
                 .find_dwarf_and_unit(link_addr)
@@ -362,12 +373,14 @@ fn load_dwarf(data: &'static [u8]) -> Result<DwarfContext, String> {
         Ok(gimli::EndianSlice::new(bytes, endian))
     };
     let dwarf = gimli::Dwarf::load(&mut load_section)?;
-    let unit_problems = check_unit_headers(&dwarf);
-    let context = addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"))?;
+    let sections = Arc::new(dwarf);
+    let context =
+        addr2line::Context::from_arc_dwarf(sections.clone()).map_err(|e| format!("DWARF: {e}"))?;
     Ok(DwarfContext {
         context,
         discriminators: DiscriminatorCache::default(),
-        unit_problems,
+        sections,
+        unit_problems: OnceCell::new(),
         _decompressed: decompressed,
     })
 }
