@@ -6,6 +6,8 @@
 #   COUNT to 100000 addresses, REPS to 3 (each tool runs REPS times, interleaved; the table shows the median and
 #   the spread). One process per tool and run, so peak RSS (VmHWM, or ru_maxrss for addr2line) is that tool's alone.
 # blazesym is built only here, in its own crate outside the workspace (benches/symbolize-vs-blazesym).
+# "ours" finds what blazesym finds (function, file:line, inline frames); "ours-discriminators" adds the line-table
+# discriminators binutils prints, as `perf-kvm symbolize` does.
 # Goals (issue #5): cold >= 2x blazesym, warm >= 3x blazesym, peak RSS <= blazesym's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +54,8 @@ for rep in $(seq "$reps"); do
     "$bench" run ours "$elf" "$work/addrs" "${answers[@]}" >> "$work/ours"
     [ "$rep" = 1 ] && answers=(--answers "$work/answers-blazesym")
     "$bench" run blazesym "$elf" "$work/addrs" "${answers[@]}" >> "$work/blazesym"
+    # What perf-kvm symbolize does for binutils-style output: discriminators too (blazesym has none).
+    "$bench" run ours-discriminators "$elf" "$work/addrs" >> "$work/ours-discriminators"
     if [ -z "${SKIP_BINUTILS:-}" ]; then
         /usr/bin/time -f "cold_s=%e hwm_kb=%M" -o "$work/time" addr2line -a -f -i -p -e "$elf" < "$work/addrs" > /dev/null
         cat "$work/time" >> "$work/addr2line"
@@ -72,9 +76,9 @@ def runs(tool):
 def stat(rows, key):
     values = [float(r[key]) for r in rows if key in r]
     return (statistics.median(values), min(values), max(values)) if values else None
-tools = {t: runs(t) for t in ("ours", "blazesym", "addr2line")}
+tools = {t: runs(t) for t in ("ours", "ours-discriminators", "blazesym", "addr2line")}
 ours = {k: stat(tools["ours"], k) for k in ("cold_s", "warm_s", "hwm_kb")}
-print(f"{'tool':<10} {'phase':<5} {'seconds':>22} {'addresses/s':>12} {'peak RSS MB':>18} {'time/ours':>10}")
+print(f"{'tool':<19} {'phase':<5} {'seconds':>22} {'addresses/s':>12} {'peak RSS MB':>18} {'time/ours':>10}")
 for tool, rows in tools.items():
     if not rows:
         continue
@@ -84,7 +88,7 @@ for tool, rows in tools.items():
         if s is None:
             continue
         rss_text = f"{rss[0] / 1024:.0f} [{rss[1] / 1024:.0f}-{rss[2] / 1024:.0f}]"
-        print(f"{tool:<10} {phase[:-2]:<5} {s[0]:8.3f} [{s[1]:.3f}-{s[2]:.3f}] {count / s[0]:12.0f} "
+        print(f"{tool:<19} {phase[:-2]:<5} {s[0]:8.3f} [{s[1]:.3f}-{s[2]:.3f}] {count / s[0]:12.0f} "
               f"{rss_text:>18} {s[0] / ours[phase][0]:10.2f}")
 # Ratios within each run (same load), then their median: what the goals are about.
 pairs = list(zip(tools["ours"], tools["blazesym"]))

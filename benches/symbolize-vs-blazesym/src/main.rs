@@ -1,7 +1,7 @@
 //! One symbolizer per process, so that peak RSS is that tool's alone:
 //!
 //! ```text
-//! symbolize-vs-blazesym run (ours|blazesym) ELF ADDRS [--warm N] [--answers FILE]
+//! symbolize-vs-blazesym run (ours|ours-discriminators|blazesym) ELF ADDRS [--warm N] [--answers FILE]
 //! symbolize-vs-blazesym compare ADDRS OURS_ANSWERS BLAZESYM_ANSWERS
 //! ```
 //!
@@ -26,19 +26,21 @@ fn main() -> Result<()> {
         Some("run") if args.len() >= 4 => run(&args[1], Path::new(&args[2]), Path::new(&args[3]), &args[4..]),
         Some("compare") if args.len() == 4 => compare(&args[1], &args[2], &args[3]),
         _ => bail!(
-            "usage: symbolize-vs-blazesym run (ours|blazesym) ELF ADDRS [--warm N] [--answers FILE]\n       \
+            "usage: symbolize-vs-blazesym run (ours|ours-discriminators|blazesym) ELF ADDRS [--warm N] [--answers FILE]\n       \
              symbolize-vs-blazesym compare ADDRS OURS_ANSWERS BLAZESYM_ANSWERS"
         ),
     }
 }
 
 fn read_addrs(path: &Path) -> Result<Vec<u64>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let t = l.trim();
-            u64::from_str_radix(t.trim_start_matches("0x"), 16).with_context(|| format!("bad address {t:?}"))
+            u64::from_str_radix(t.trim_start_matches("0x"), 16)
+                .with_context(|| format!("bad address {t:?}"))
         })
         .collect()
 }
@@ -55,20 +57,23 @@ fn run(tool: &str, elf: &Path, addrs_path: &Path, options: &[String]) -> Result<
             other => bail!("unknown option {other:?}"),
         }
     }
-    let (cold, warm, answers) = match tool {
-        "ours" => time_ours(elf, &addrs, warm_reps)?,
+    let (cold, warm, answers, (anon_kb, file_kb)) = match tool {
+        "ours" => time_ours(elf, &addrs, warm_reps, false)?,
+        "ours-discriminators" => time_ours(elf, &addrs, warm_reps, true)?,
         "blazesym" => time_blazesym(elf, &addrs, warm_reps)?,
-        _ => bail!("unknown tool {tool:?} (want ours or blazesym)"),
+        _ => bail!("unknown tool {tool:?} (want ours, ours-discriminators or blazesym)"),
     };
-    let hwm_kb = vm_hwm_kb()?;
+    let hwm_kb = status_kb("VmHWM")?;
     let warm_min = warm.iter().copied().fold(f64::INFINITY, f64::min);
     let warm_max = warm.iter().copied().fold(0.0, f64::max);
     println!(
-        "tool={tool} addrs={} cold_s={cold:.4} warm_s={warm_min:.4} warm_max_s={warm_max:.4} hwm_kb={hwm_kb}",
+        "tool={tool} addrs={} cold_s={cold:.4} warm_s={warm_min:.4} warm_max_s={warm_max:.4} hwm_kb={hwm_kb} \
+         anon_kb={anon_kb} file_kb={file_kb}",
         addrs.len()
     );
     if let Some(path) = answers_path {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| path.clone())?);
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| path.clone())?);
         for (addr, answer) in addrs.iter().zip(&answers) {
             write!(out, "{addr:#x}")?;
             for (function, line) in answer {
@@ -80,12 +85,19 @@ fn run(tool: &str, elf: &Path, addrs_path: &Path, options: &[String]) -> Result<
     Ok(())
 }
 
-/// Cold seconds, warm seconds per repetition, and the cold run's answers.
-type Timings = (f64, Vec<f64>, Vec<Answer>);
+/// Cold seconds, warm seconds per repetition, the cold run's answers, and (heap, mapped file) RSS in kB with the
+/// symbolizer still alive.
+type Timings = (f64, Vec<f64>, Vec<Answer>, (u64, u64));
 
-fn time_ours(elf: &Path, addrs: &[u64], warm_reps: usize) -> Result<Timings> {
+fn rss_now() -> Result<(u64, u64)> {
+    Ok((status_kb("RssAnon")?, status_kb("RssFile")?))
+}
+
+/// `discriminators`: also find each address's line-table discriminator, as binutils prints and blazesym does not.
+fn time_ours(elf: &Path, addrs: &[u64], warm_reps: usize, discriminators: bool) -> Result<Timings> {
     let start = Instant::now();
     let mut symbolizer = symbols::Symbolizer::new();
+    symbolizer.set_discriminators(discriminators);
     symbolizer.add_elf(elf, 0)?;
     let results = symbolizer.symbolize(addrs);
     let cold = start.elapsed().as_secs_f64();
@@ -101,11 +113,16 @@ fn time_ours(elf: &Path, addrs: &[u64], warm_reps: usize) -> Result<Timings> {
         .map(|r| {
             r.frames
                 .iter()
-                .map(|f| (f.function.clone().unwrap_or_else(|| "??".into()), f.line.unwrap_or(0)))
+                .map(|f| {
+                    (
+                        f.function.clone().unwrap_or_else(|| "??".into()),
+                        f.line.unwrap_or(0),
+                    )
+                })
                 .collect()
         })
         .collect();
-    Ok((cold, warm, answers))
+    Ok((cold, warm, answers, rss_now()?))
 }
 
 fn time_blazesym(elf: &Path, addrs: &[u64], warm_reps: usize) -> Result<Timings> {
@@ -131,25 +148,33 @@ fn time_blazesym(elf: &Path, addrs: &[u64], warm_reps: usize) -> Result<Timings>
         .iter()
         .map(|r| match r {
             Symbolized::Sym(sym) => {
-                let line = |ci: Option<&blazesym::symbolize::CodeInfo>| ci.and_then(|c| c.line).unwrap_or(0);
-                let mut frames: Answer = vec![(sym.name.to_string(), line(sym.code_info.as_deref()))];
-                frames.extend(sym.inlined.iter().map(|f| (f.name.to_string(), line(f.code_info.as_ref()))));
+                let line = |ci: Option<&blazesym::symbolize::CodeInfo>| {
+                    ci.and_then(|c| c.line).unwrap_or(0)
+                };
+                let mut frames: Answer =
+                    vec![(sym.name.to_string(), line(sym.code_info.as_deref()))];
+                frames.extend(
+                    sym.inlined
+                        .iter()
+                        .map(|f| (f.name.to_string(), line(f.code_info.as_ref()))),
+                );
                 frames.reverse();
                 frames
             }
             Symbolized::Unknown(_) => Vec::new(),
         })
         .collect();
-    Ok((cold, warm, answers))
+    Ok((cold, warm, answers, rss_now()?))
 }
 
-fn vm_hwm_kb() -> Result<u64> {
+/// A `/proc/self/status` memory figure (VmHWM = peak RSS; RssAnon, RssFile = heap and mapped file now).
+fn status_kb(key: &str) -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")
+        .with_context(|| format!("no {key} in /proc/self/status"))
 }
 
 fn read_answers(path: &str) -> Result<Vec<Answer>> {
