@@ -63,6 +63,8 @@ for rep in $(seq "$reps"); do
 done
 
 echo "ELF: $elf; $count addresses; $reps runs per tool (median [min-max])"
+# Known difference (Debian 6.1.0-57, 100k addresses): at 0xffffffff81a032f0 (pci_acpi_root_prepare_resources.cold)
+# blazesym omits the inline frame resource_list_destroy_entry that binutils, llvm-symbolizer and ours report.
 "$bench" compare "$work/addrs" "$work/answers-ours" "$work/answers-blazesym" 2> "$work/differences"
 head -40 "$work/differences" >&2
 python3 - "$work" "$count" <<'PY'
