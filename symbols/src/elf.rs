@@ -11,6 +11,7 @@ use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use object::{
     Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind,
@@ -40,8 +41,13 @@ struct DwarfContext {
     // Declared before `_decompressed` so it is dropped first: it may borrow from those buffers.
     context: addr2line::Context<Slice>,
     discriminators: DiscriminatorCache,
-    /// Units addr2line will silently skip (bad header or abbreviations): their code has no line info.
-    unit_problems: Option<String>,
+    /// The sections `context` reads, kept to check unit headers only when someone asks for problems.
+    sections: Arc<gimli::Dwarf<Slice>>,
+    /// Units addr2line will silently skip (bad header or abbreviations): their code has no line info. Found on
+    /// the first [`ElfObject::dwarf_problem`] call, not at load: a tenth of a cold batch nobody may ask for.
+    unit_problems: OnceCell<Option<String>>,
+    /// Relocations of a `.ko`'s DWARF that could not be applied, found at load.
+    relocation_problem: Option<String>,
     _decompressed: Vec<Box<[u8]>>,
 }
 
@@ -207,8 +213,8 @@ impl ElfObject {
             .collect()
     }
 
-    pub fn frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
-        let mut frames = self.dwarf_frames(link_addr, demangle);
+    pub fn frames(&self, link_addr: u64, demangle: bool, discriminators: bool) -> Vec<Frame> {
+        let mut frames = self.dwarf_frames(link_addr, demangle, discriminators);
         let symbol = self.symtab.lookup(link_addr);
         match frames.last_mut() {
             Some(outer) => {
@@ -242,11 +248,19 @@ impl ElfObject {
     pub fn dwarf_problem(&self) -> Option<String> {
         match self.dwarf.get() {
             Some(Err(e)) => return Some(format!("DWARF unusable, symbol table only: {e}")),
-            Some(Ok(DwarfContext {
-                unit_problems: Some(problem),
-                ..
-            })) => return Some(problem.clone()),
-            _ => {}
+            Some(Ok(context)) => {
+                let units = context
+                    .unit_problems
+                    .get_or_init(|| check_unit_headers(&context.sections));
+                match (units, &context.relocation_problem) {
+                    (Some(units), Some(relocations)) => {
+                        return Some(format!("{units}; {relocations}"))
+                    }
+                    (Some(problem), None) | (None, Some(problem)) => return Some(problem.clone()),
+                    (None, None) => {}
+                }
+            }
+            None => {}
         }
         let count = self.lookup_errors.get();
         let first = self.first_lookup_error.borrow();
@@ -262,7 +276,7 @@ impl ElfObject {
             .get_or_insert_with(|| format!("{link_addr:#x}: {error}"));
     }
 
-    fn dwarf_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
+    fn dwarf_frames(&self, link_addr: u64, demangle: bool, discriminators: bool) -> Vec<Frame> {
         let Ok(dwarf) = self
             .dwarf
             .get_or_init(|| load_dwarf(self.data, self.placement.as_deref()))
@@ -313,7 +327,10 @@ impl ElfObject {
         if let Some(outer) = frames.last_mut() {
             outer.inlined = false;
         }
-        if let Some(innermost) = frames.first_mut().filter(|f| f.line.is_some()) {
+        if let Some(innermost) = frames
+            .first_mut()
+            .filter(|f| discriminators && f.line.is_some())
+        {
             if let Some(unit) = dwarf
                 .context
                 .find_dwarf_and_unit(link_addr)
@@ -378,22 +395,21 @@ fn load_dwarf(
         Ok(gimli::EndianSlice::new(bytes, endian))
     };
     let dwarf = gimli::Dwarf::load(&mut load_section)?;
-    let mut unit_problems = check_unit_headers(&dwarf);
-    if let Some(first) = &skipped.first {
-        let relocations = format!(
+    let relocation_problem = skipped.first.as_ref().map(|first| {
+        format!(
             "{} DWARF relocation(s) not applied, their addresses may be wrong (first: {first})",
             skipped.count
-        );
-        unit_problems = Some(match unit_problems {
-            Some(units) => format!("{units}; {relocations}"),
-            None => relocations,
-        });
-    }
-    let context = addr2line::Context::from_dwarf(dwarf).map_err(|e| format!("DWARF: {e}"))?;
+        )
+    });
+    let sections = Arc::new(dwarf);
+    let context =
+        addr2line::Context::from_arc_dwarf(sections.clone()).map_err(|e| format!("DWARF: {e}"))?;
     Ok(DwarfContext {
         context,
         discriminators: DiscriminatorCache::default(),
-        unit_problems,
+        sections,
+        unit_problems: OnceCell::new(),
+        relocation_problem,
         _decompressed: decompressed,
     })
 }

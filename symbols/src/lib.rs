@@ -108,6 +108,7 @@ pub struct Symbolizer {
     warnings: Vec<String>,
     demangle: bool,
     symbols_only: bool,
+    discriminators: bool,
 }
 
 impl Default for Symbolizer {
@@ -125,6 +126,7 @@ impl Symbolizer {
             warnings: Vec::new(),
             demangle: true,
             symbols_only: false,
+            discriminators: true,
         }
     }
 
@@ -137,6 +139,13 @@ impl Symbolizer {
     /// profile's table needs, as perf report does, at a fraction of the cost (default: DWARF too).
     pub fn set_symbols_only(&mut self, symbols_only: bool) {
         self.symbols_only = symbols_only;
+    }
+
+    /// Whether [`Frame::discriminator`] is filled in (default: yes). Finding it walks each unit's line program a
+    /// second time, which addr2line-the-crate does not expose; callers that never print discriminators (binutils
+    /// does, a profile table does not) save that walk, about a fifth of a cold batch on a distribution vmlinux.
+    pub fn set_discriminators(&mut self, discriminators: bool) {
+        self.discriminators = discriminators;
     }
 
     /// An ELF (vmlinux, test guest, user binary). `bias` is added to its addresses (KASLR offset / load bias).
@@ -297,7 +306,7 @@ impl Symbolizer {
                     frames: if self.symbols_only {
                         elf.symbol_frames(link_addr, self.demangle)
                     } else {
-                        elf.frames(link_addr, self.demangle)
+                        elf.frames(link_addr, self.demangle, self.discriminators)
                     },
                     object: Some(elf.name.clone()),
                 };

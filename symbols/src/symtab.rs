@@ -52,11 +52,11 @@ impl SymbolTable {
         raw.dedup_by(|later, first| later.start == first.start);
         let mut symbols = Vec::with_capacity(raw.len());
         for i in 0..raw.len() {
-            let sym = &raw[i];
+            let next = raw.get(i + 1).map_or(u64::MAX, |n| n.start);
+            let sym = &mut raw[i];
             let end = if sym.size > 0 {
                 sym.start.saturating_add(sym.size)
             } else {
-                let next = raw.get(i + 1).map_or(u64::MAX, |n| n.start);
                 next.min(sym.limit)
             };
             if end <= sym.start {
@@ -65,7 +65,8 @@ impl SymbolTable {
             symbols.push(TableSymbol {
                 start: sym.start,
                 end,
-                name: sym.name.clone(),
+                // Moved, not cloned: `raw` is dropped next and only starts are read from it after this point.
+                name: std::mem::take(&mut sym.name),
                 object: sym.object,
             });
         }

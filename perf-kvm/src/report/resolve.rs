@@ -44,6 +44,7 @@ impl Resolver {
         let mut warnings = Vec::new();
         let guest_kernel = if sources.guest_vmlinux.is_some() || sources.guest_kallsyms.is_some() {
             let mut kernel = Symbolizer::new();
+            kernel.set_discriminators(false); // a profile never prints them
             kernel.set_symbols_only(true);
             if let Some(modules) = &sources.guest_modules {
                 kernel
@@ -68,6 +69,7 @@ impl Resolver {
         let guest_user = match &sources.guest_user_elf {
             Some(elf) => {
                 let mut user = Symbolizer::new();
+                user.set_discriminators(false); // a profile never prints them
                 user.set_symbols_only(true);
                 user.add_elf(elf, 0)
                     .map_err(|source| symbols_error(elf, source))?;
@@ -172,6 +174,7 @@ impl Resolver {
             .entry((mapping.path.clone(), bias))
             .or_insert_with(|| {
                 let mut s = Symbolizer::new();
+                s.set_discriminators(false); // a profile never prints them
                 s.set_symbols_only(true);
                 s.add_elf(Path::new(&mapping.path), bias).ok().map(|()| s)
             })

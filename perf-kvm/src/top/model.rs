@@ -125,6 +125,7 @@ impl TopModel {
     /// A model that symbolizes with `elf` (the guest kernel image; the test guest's covers its ring-3 code too).
     pub fn new(elf: Option<&Path>, vcpus: usize) -> Result<TopModel, TopModelError> {
         let mut symbolizer = Symbolizer::new();
+        symbolizer.set_discriminators(false); // a profile never prints them
         if let Some(path) = elf {
             symbolizer
                 .add_elf(path, 0)
