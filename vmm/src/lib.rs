@@ -13,6 +13,7 @@ pub mod kvm_stats;
 pub mod paging;
 pub mod pmu;
 pub mod probe;
+pub mod probe_cache;
 pub mod regs;
 pub mod sample;
 pub mod sample_queue;

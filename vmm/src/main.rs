@@ -51,7 +51,7 @@ fn probe() -> anyhow::Result<i32> {
 
 fn run(args: vmm::cli::RunArgs) -> anyhow::Result<i32> {
     let kvm: Kvm = vmm::open_kvm()?;
-    let caps = HostCaps::probe(&kvm)?;
+    let caps = HostCaps::probe_cached(&kvm)?;
     let mut cfg = args.vm_config(Box::new(std::io::stdout()))?;
     cfg.start_paused = args.gdb_wait;
     let (vm, _) = Vm::start(&kvm, &caps, cfg)?;

@@ -107,7 +107,18 @@ impl HostCaps {
         self.guest_debug_flags & KVM_GUESTDBG_BLOCKIRQ != 0
     }
 
+    /// Probes everything, running the snippets afresh (and storing their results for `probe_cached`).
     pub fn probe(kvm: &Kvm) -> Result<HostCaps, ProbeError> {
+        HostCaps::probe_with(kvm, false)
+    }
+
+    /// Like `probe`, but takes the snippets' results from an earlier run on this host when nothing they depend on
+    /// changed (`probe_cache`): what `vmm run` uses, so a boot does not wait for the probe VM.
+    pub fn probe_cached(kvm: &Kvm) -> Result<HostCaps, ProbeError> {
+        HostCaps::probe_with(kvm, true)
+    }
+
+    fn probe_with(kvm: &Kvm, use_cache: bool) -> Result<HostCaps, ProbeError> {
         let api_version = kvm.get_api_version();
         if api_version != 12 {
             return Err(ProbeError::ApiVersion(api_version));
@@ -125,13 +136,28 @@ impl HostCaps {
         };
         let leaf1 = leaf(1).unwrap_or_default();
         let pmu_cap = cap(KVM_CAP_PMU_CAPABILITY);
-        let snippets = run_snippets(
-            kvm,
-            &cpuid,
-            leaf1.ecx,
+        let (has_xsave_state, leaf7_ebx) = (
             leaf(0xd).is_some_and(|e| e.eax & 3 == 3),
             leaf(7).map_or(0, |e| e.ebx),
         );
+        let cache = crate::probe_cache::ProbeCache::open().zip(crate::probe_cache::key(&format!(
+            "{:#x} {has_xsave_state} {leaf7_ebx:#x}",
+            leaf1.ecx
+        )));
+        let cached = match (&cache, use_cache) {
+            (Some((cache, key)), true) => cache.load(key).and_then(SnippetResults::from_json),
+            _ => None,
+        };
+        let snippets = match cached {
+            Some(snippets) => snippets,
+            None => {
+                let fresh = run_snippets(kvm, &cpuid, leaf1.ecx, has_xsave_state, leaf7_ebx);
+                if let Some((cache, key)) = &cache {
+                    cache.store(key, fresh.to_json());
+                }
+                fresh
+            }
+        };
         Ok(HostCaps {
             api_version,
             pvm: std::path::Path::new("/sys/module/kvm_pvm").exists(),
@@ -361,12 +387,64 @@ fn set_gated_bit(cpuid: &mut CpuId, leaf: u32, in_ebx: bool, bit: u32, on: bool)
 }
 const CPUID_XSAVE: u32 = 1 << 26;
 
+#[derive(Debug, PartialEq)]
 struct SnippetResults {
     xsave: Emulation,
     xsave_cpuid_leaks: bool,
     unrunnable: Vec<GatedFeature>,
     int3: Int3Delivery,
     data_breakpoints: bool,
+}
+
+impl SnippetResults {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "xsave": format!("{:?}", self.xsave),
+            "xsave_cpuid_leaks": self.xsave_cpuid_leaks,
+            "unrunnable": self.unrunnable.iter().map(|g| (g.name, g.cpuid_leaks)).collect::<Vec<_>>(),
+            "int3": format!("{:?}", self.int3),
+            "data_breakpoints": self.data_breakpoints,
+        })
+    }
+
+    /// `None` for anything this build would not have written: the snippets then run again.
+    fn from_json(v: serde_json::Value) -> Option<SnippetResults> {
+        let xsave = match v.get("xsave")?.as_str()? {
+            "Runs" => Emulation::Runs,
+            "Fails" => Emulation::Fails,
+            "NotOffered" => Emulation::NotOffered,
+            _ => return None,
+        };
+        let int3 = match v.get("int3")?.as_str()? {
+            "DebugExit" => Int3Delivery::DebugExit,
+            "InternalError" => Int3Delivery::InternalError,
+            "Unknown" => Int3Delivery::Unknown,
+            _ => return None,
+        };
+        let unrunnable = v
+            .get("unrunnable")?
+            .as_array()?
+            .iter()
+            .map(|entry| {
+                let name = entry.get(0)?.as_str()?;
+                let g = GATED.iter().find(|g| g.name == name)?;
+                Some(GatedFeature {
+                    name: g.name,
+                    leaf: g.leaf,
+                    in_ebx: g.in_ebx,
+                    bit: g.bit,
+                    cpuid_leaks: entry.get(1)?.as_bool()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(SnippetResults {
+            xsave,
+            xsave_cpuid_leaks: v.get("xsave_cpuid_leaks")?.as_bool()?,
+            unrunnable,
+            int3,
+            data_breakpoints: v.get("data_breakpoints")?.as_bool()?,
+        })
+    }
 }
 
 /// Runs the snippets; a failure to even set up the probe VM leaves the answers at their safe defaults (features
@@ -629,6 +707,29 @@ pub(crate) mod tests {
             int3: Int3Delivery::DebugExit,
             data_breakpoints: true,
         }
+    }
+
+    #[test]
+    fn snippet_results_survive_the_probe_cache() {
+        let pvm = SnippetResults {
+            xsave: Emulation::Fails,
+            xsave_cpuid_leaks: true,
+            unrunnable: vec![GatedFeature {
+                name: "popcnt",
+                leaf: 1,
+                in_ebx: false,
+                bit: 23,
+                cpuid_leaks: true,
+            }],
+            int3: Int3Delivery::InternalError,
+            data_breakpoints: false,
+        };
+        assert_eq!(SnippetResults::from_json(pvm.to_json()), Some(pvm));
+        let unknown_feature = serde_json::json!({
+            "xsave": "Runs", "xsave_cpuid_leaks": false, "unrunnable": [["sse9", false]],
+            "int3": "DebugExit", "data_breakpoints": true,
+        });
+        assert_eq!(SnippetResults::from_json(unknown_feature), None);
     }
 
     fn supported(leaf_a_eax: u32) -> CpuId {

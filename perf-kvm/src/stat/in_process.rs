@@ -60,7 +60,7 @@ impl InProcessSource {
         let run_args: RunArgs = vmm::cli::parse_run_args(vmm_args)
             .map_err(|e| InProcessError::BadArgs(e.to_string()))?;
         let kvm = vmm::open_kvm()?;
-        let caps = HostCaps::probe(&kvm)?;
+        let caps = HostCaps::probe_cached(&kvm)?;
         let mut cfg = run_args.vm_config(serial)?;
         cfg.sampler = sampler;
         let (vm, stream) = Vm::start(&kvm, &caps, cfg).map_err(InProcessError::Start)?;
