@@ -120,10 +120,15 @@ pub struct Profile {
 }
 
 pub fn load(path: &Path) -> Result<Profile, LoadError> {
-    let mut bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
     })?;
+    load_bytes(bytes, path)
+}
+
+/// [`load`] on a file already in memory; `path` only names it in errors.
+pub fn load_bytes(mut bytes: Vec<u8>, path: &Path) -> Result<Profile, LoadError> {
     if bytes.len() < FILE_HEADER_SIZE || &bytes[..8] != b"PERFILE2" {
         return Err(LoadError::NotPerfData {
             path: path.to_owned(),
