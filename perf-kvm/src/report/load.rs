@@ -431,6 +431,15 @@ mod tests {
         }
     }
 
+    /// Found by `scripts/fuzz perf_data`: a sample whose callchain length overflows `nr * 8` panics inside
+    /// linux-perf-event-reader; the report keeps what it read and counts the record as skipped.
+    #[test]
+    fn parser_panic_on_a_corrupt_sample_is_contained() {
+        let bytes = include_bytes!("../../tests/data/fuzz-sample-callchain-overflow.perf").to_vec();
+        let profile = load_bytes(bytes, Path::new("crasher.perf")).expect("a profile");
+        assert!(profile.skipped_records > 0);
+    }
+
     #[test]
     fn event_description_counts_must_fit_the_section() {
         let mut desc = Vec::new();
