@@ -194,7 +194,8 @@ fn read_records(
         if record.record_type == RecordType::LOST_SAMPLES {
             let data = record.data.as_slice();
             if let Some(lost) = data.get(..8) {
-                profile.lost += u64::from_le_bytes(lost.try_into().expect("8 bytes"));
+                let lost = u64::from_le_bytes(lost.try_into().expect("8 bytes"));
+                profile.lost = profile.lost.saturating_add(lost);
             }
             continue;
         }
@@ -249,7 +250,7 @@ fn read_records(
                 };
                 profile.mappings.entry(mmap.pid).or_default().push(mapping);
             }
-            EventRecord::Lost(lost) => profile.lost += lost.count,
+            EventRecord::Lost(lost) => profile.lost = profile.lost.saturating_add(lost.count),
             _ => {}
         }
     }
