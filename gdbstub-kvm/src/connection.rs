@@ -132,14 +132,7 @@ impl GdbListener {
                 Stream::Unix(stream)
             }
         };
-        Ok(GdbConnection {
-            stream,
-            outgoing: Vec::new(),
-            last_sent: Vec::new(),
-            framer: PacketFramer::default(),
-            threads: 0,
-            no_ack: false,
-        })
+        Ok(GdbConnection::new(stream))
     }
 }
 
@@ -280,7 +273,25 @@ fn checksum_matches(packet: &[u8]) -> bool {
         == Some(sum)
 }
 
+/// A connection over an already connected unix socket (one end of a `socketpair`, for tests and the fuzzer).
+impl From<UnixStream> for GdbConnection {
+    fn from(stream: UnixStream) -> Self {
+        GdbConnection::new(Stream::Unix(stream))
+    }
+}
+
 impl GdbConnection {
+    fn new(stream: Stream) -> Self {
+        GdbConnection {
+            stream,
+            outgoing: Vec::new(),
+            last_sent: Vec::new(),
+            framer: PacketFramer::default(),
+            threads: 0,
+            no_ack: false,
+        }
+    }
+
     pub(crate) fn raw_fd(&self) -> RawFd {
         match &self.stream {
             Stream::Tcp(s) => s.as_raw_fd(),

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::vm::VmControl;
+use crate::exit_stats::VcpuExitStats;
+use crate::vcpu::VcpuError;
+use crate::vm::{VmControl, VmInfo};
+use crate::GuestRegisters;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line accepted; anything longer is garbage.
@@ -139,18 +142,13 @@ fn serve_conn(conn: UnixStream, vm: VmControl) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        if let Ok(Envelope {
-            v: PROTOCOL_VERSION,
-            req: Request::Sample { freq, callchain },
-        }) = serde_json::from_str(line.trim_end())
-        {
-            stream_samples(&mut out, &vm, freq, callchain);
-            return;
-        }
-        let reply = if line.len() > MAX_REQUEST {
-            error_reply("request too long")
-        } else {
-            handle_line(line.trim_end(), &vm)
+        let reply = match parse_request(line.trim_end()) {
+            Ok(Request::Sample { freq, callchain }) => {
+                stream_samples(&mut out, &vm, freq, callchain);
+                return;
+            }
+            Ok(request) => handle_request(request, &vm),
+            Err(message) => error_reply(&message),
         };
         if writeln!(out, "{reply}").is_err() || line.len() > MAX_REQUEST {
             return;
@@ -231,28 +229,80 @@ fn error_reply(msg: &str) -> Value {
     json!({ "ok": false, "error": msg })
 }
 
-/// Answers one request line. Pure over `VmControl`, so garbage never reaches the VM.
-pub fn handle_line(line: &str, vm: &VmControl) -> Value {
-    let env: Envelope = match serde_json::from_str(line) {
-        Ok(e) => e,
-        Err(e) => return error_reply(&format!("bad request: {e}")),
-    };
+/// What the control socket asks of a VM: [`VmControl`] in the VMM, a fake one in tests and the fuzzer.
+pub trait ControlTarget {
+    fn info(&self) -> &VmInfo;
+    fn vcpu_count(&self) -> usize;
+    fn pause_all(&self) -> Result<(), VcpuError>;
+    fn resume_all(&self) -> Result<(), VcpuError>;
+    fn registers(&self, vcpu: usize) -> Result<GuestRegisters, VcpuError>;
+    fn read_msr(&self, vcpu: usize, index: u32) -> Result<Option<u64>, VcpuError>;
+    /// Exit statistics per vCPU; `reset` zeroes them as they are read, under one lock.
+    fn exit_stats(&self, reset: bool) -> Vec<VcpuExitStats>;
+}
+
+impl ControlTarget for VmControl {
+    fn info(&self) -> &VmInfo {
+        VmControl::info(self)
+    }
+    fn vcpu_count(&self) -> usize {
+        VmControl::vcpu_count(self)
+    }
+    fn pause_all(&self) -> Result<(), VcpuError> {
+        VmControl::pause_all(self)
+    }
+    fn resume_all(&self) -> Result<(), VcpuError> {
+        VmControl::resume_all(self)
+    }
+    fn registers(&self, vcpu: usize) -> Result<GuestRegisters, VcpuError> {
+        VmControl::registers(self, vcpu, false)
+    }
+    fn read_msr(&self, vcpu: usize, index: u32) -> Result<Option<u64>, VcpuError> {
+        VmControl::read_msr(self, vcpu, index)
+    }
+    fn exit_stats(&self, reset: bool) -> Vec<VcpuExitStats> {
+        if reset {
+            self.take_exit_stats()
+        } else {
+            VmControl::exit_stats(self)
+        }
+    }
+}
+
+/// Parses one request line (newline stripped): all of the protocol's input checking, with no VM involved. The
+/// error is the message the client gets.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST {
+        return Err("request too long".into());
+    }
+    let env: Envelope = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
     if env.v != PROTOCOL_VERSION {
-        return error_reply(&format!(
+        return Err(format!(
             "unsupported protocol version {} (this VMM speaks {PROTOCOL_VERSION})",
             env.v
         ));
     }
-    let result = match env.req {
+    Ok(env.req)
+}
+
+/// Answers one request line; garbage is refused before it reaches the VM.
+pub fn handle_line<T: ControlTarget + ?Sized>(line: &str, vm: &T) -> Value {
+    match parse_request(line) {
+        Ok(request) => handle_request(request, vm),
+        Err(message) => error_reply(&message),
+    }
+}
+
+/// Answers one parsed request (a `sample` request is refused: it needs a connection of its own).
+pub fn handle_request<T: ControlTarget + ?Sized>(request: Request, vm: &T) -> Value {
+    let result = match request {
         Request::Info => Ok(json!({ "info": vm.info(), "protocol": PROTOCOL_VERSION })),
         Request::Pause => vm.pause_all().map(|_| json!({})),
         Request::Resume => vm.resume_all().map(|_| json!({})),
         Request::Regs { vcpu } if vcpu >= vm.vcpu_count() => {
             return error_reply(&format!("no vCPU {vcpu} (the VM has {})", vm.vcpu_count()))
         }
-        Request::Regs { vcpu } => vm
-            .registers(vcpu, false)
-            .map(|r| json!({ "regs": regs_json(&r) })),
+        Request::Regs { vcpu } => vm.registers(vcpu).map(|r| json!({ "regs": regs_json(&r) })),
         Request::Sample { .. } => {
             return error_reply("sample streams only on their own connection")
         }
@@ -260,15 +310,7 @@ pub fn handle_line(line: &str, vm: &VmControl) -> Value {
             return error_reply(&format!("no vCPU {vcpu} (the VM has {})", vm.vcpu_count()))
         }
         Request::Msr { vcpu, index } => vm.read_msr(vcpu, index).map(|v| json!({ "value": v })),
-        Request::ExitStats { reset } => {
-            // Taking reads and zeroes under one lock, so no exit falls between the two.
-            let stats = if reset {
-                vm.take_exit_stats()
-            } else {
-                vm.exit_stats()
-            };
-            Ok(json!({ "exit_stats": stats }))
-        }
+        Request::ExitStats { reset } => Ok(json!({ "exit_stats": vm.exit_stats(reset) })),
     };
     match result {
         Ok(mut v) => {
@@ -279,7 +321,7 @@ pub fn handle_line(line: &str, vm: &VmControl) -> Value {
     }
 }
 
-fn regs_json(r: &crate::GuestRegisters) -> Value {
+fn regs_json(r: &GuestRegisters) -> Value {
     let mut m = serde_json::Map::new();
     for (name, v) in gdbstub_kvm::regs::GPR_NAMES.iter().zip(r.gpr) {
         m.insert(name.to_string(), json!(v));
@@ -340,22 +382,7 @@ impl ControlClient {
         if self.reader.read_line(&mut line)? == 0 {
             return Ok(None);
         }
-        let v: Value =
-            serde_json::from_str(&line).map_err(|e| ControlError::BadReply(e.to_string()))?;
-        let bad = |e: serde_json::Error| ControlError::BadReply(e.to_string());
-        if let Some(s) = v.get("sample") {
-            Ok(Some(StreamEvent::Sample(
-                serde_json::from_value(s.clone()).map_err(bad)?,
-            )))
-        } else if let Some(l) = v.get("loss") {
-            Ok(Some(StreamEvent::Loss(
-                serde_json::from_value(l.clone()).map_err(bad)?,
-            )))
-        } else if v.get("end").is_some() {
-            Ok(None)
-        } else {
-            Err(ControlError::BadReply(line.trim().to_string()))
-        }
+        parse_stream_event(&line)
     }
 
     pub fn call(&mut self, req: Request) -> Result<Value, ControlError> {
@@ -367,14 +394,37 @@ impl ControlClient {
         writeln!(self.writer, "{line}")?;
         let mut reply = String::new();
         self.reader.read_line(&mut reply)?;
-        let v: Value =
-            serde_json::from_str(&reply).map_err(|e| ControlError::BadReply(e.to_string()))?;
-        if v["ok"] == json!(true) {
-            Ok(v)
-        } else {
-            Err(ControlError::Refused(
-                v["error"].as_str().unwrap_or("unknown error").to_string(),
-            ))
-        }
+        parse_reply(&reply)
+    }
+}
+
+/// One reply line from the VMM: its fields when `ok`, the VMM's message as an error otherwise.
+pub fn parse_reply(line: &str) -> Result<Value, ControlError> {
+    let v: Value = serde_json::from_str(line).map_err(|e| ControlError::BadReply(e.to_string()))?;
+    if v["ok"] == json!(true) {
+        Ok(v)
+    } else {
+        Err(ControlError::Refused(
+            v["error"].as_str().unwrap_or("unknown error").to_string(),
+        ))
+    }
+}
+
+/// One line of a sampling stream; `None` for its end.
+pub fn parse_stream_event(line: &str) -> Result<Option<StreamEvent>, ControlError> {
+    let v: Value = serde_json::from_str(line).map_err(|e| ControlError::BadReply(e.to_string()))?;
+    let bad = |e: serde_json::Error| ControlError::BadReply(e.to_string());
+    if let Some(s) = v.get("sample") {
+        Ok(Some(StreamEvent::Sample(
+            serde_json::from_value(s.clone()).map_err(bad)?,
+        )))
+    } else if let Some(l) = v.get("loss") {
+        Ok(Some(StreamEvent::Loss(
+            serde_json::from_value(l.clone()).map_err(bad)?,
+        )))
+    } else if v.get("end").is_some() {
+        Ok(None)
+    } else {
+        Err(ControlError::BadReply(line.trim().to_string()))
     }
 }

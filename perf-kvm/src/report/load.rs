@@ -16,6 +16,10 @@ const DATA_OFFSET_AT: usize = 40;
 const DATA_SIZE_AT: usize = 48;
 const FEATURES_AT: usize = 72;
 const RECORD_HEADER_SIZE: usize = 8;
+/// Feature bit of `HEADER_EVENT_DESC`, the attribute descriptions the parser reads first.
+const FEATURE_EVENT_DESC: u32 = 12;
+/// A `perf_file_section`: offset and size, two u64.
+const FILE_SECTION_SIZE: u64 = 16;
 const PERF_CONTEXT_HV: u64 = -32i64 as u64;
 const PERF_CONTEXT_KERNEL: u64 = -128i64 as u64;
 const PERF_CONTEXT_USER: u64 = -512i64 as u64;
@@ -122,10 +126,15 @@ pub struct Profile {
 }
 
 pub fn load(path: &Path) -> Result<Profile, LoadError> {
-    let mut bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
     })?;
+    load_bytes(bytes, path)
+}
+
+/// [`load`] on a file already in memory; `path` only names it in errors.
+pub fn load_bytes(mut bytes: Vec<u8>, path: &Path) -> Result<Profile, LoadError> {
     if bytes.len() < 8 || &bytes[..8] != b"PERFILE2" {
         return Err(LoadError::NotPerfData {
             path: path.to_owned(),
@@ -204,7 +213,8 @@ fn read_records(
         if record.record_type == RecordType::LOST_SAMPLES {
             let data = record.data.as_slice();
             if let Some(lost) = data.get(..8) {
-                profile.lost += u64::from_le_bytes(lost.try_into().expect("8 bytes"));
+                let lost = u64::from_le_bytes(lost.try_into().expect("8 bytes"));
+                profile.lost = profile.lost.saturating_add(lost);
             }
             continue;
         }
@@ -259,7 +269,7 @@ fn read_records(
                 };
                 profile.mappings.entry(mmap.pid).or_default().push(mapping);
             }
-            EventRecord::Lost(lost) => profile.lost += lost.count,
+            EventRecord::Lost(lost) => profile.lost = profile.lost.saturating_add(lost.count),
             _ => {}
         }
     }
@@ -339,25 +349,37 @@ fn check_layout(bytes: &[u8]) -> Result<(), String> {
     };
     let (_, attrs_size) = section("attribute", 24)?;
     let (data_offset, data_size) = section("data", 40)?;
-    section("event type", 56)?;
+    let (types_offset, types_size) = section("event type", 56)?;
     if attr_size < 16 + 8 || attrs_size % attr_size != 0 || attrs_size == 0 {
         return Err(format!(
             "attribute section of {attrs_size} bytes does not hold {attr_size}-byte attributes"
         ));
     }
-    let features: u32 = bytes[FEATURES_AT..FILE_HEADER_SIZE]
-        .iter()
-        .map(|b| b.count_ones())
-        .sum();
+    // Feature sections follow the data, one per bit set in the bitmap, in bit order.
+    let feature_bits =
+        (0..256u32).filter(|bit| bytes[FEATURES_AT + (bit / 8) as usize] & (1 << (bit % 8)) != 0);
     let table = data_offset + data_size;
-    for i in 0..u64::from(features) {
-        let at = table + 16 * i;
-        if at + 16 > len {
+    let mut has_event_desc = false;
+    for (i, bit) in (0u64..).zip(feature_bits) {
+        let at = table + FILE_SECTION_SIZE * i;
+        if at + FILE_SECTION_SIZE > len {
             return Err(format!(
                 "feature section table ends past the {len}-byte file"
             ));
         }
-        section("feature", at as usize)?;
+        let (offset, size) = section("feature", at as usize)?;
+        if bit == FEATURE_EVENT_DESC {
+            has_event_desc = true;
+            check_event_desc(&bytes[offset as usize..(offset + size) as usize])?;
+        }
+    }
+    // Without event descriptions the parser reads the old event-type section: an attribute and the section of
+    // its ids per entry, sized by what each claims.
+    if !has_event_desc && types_size != 0 {
+        let entry = attr_size + FILE_SECTION_SIZE;
+        for i in 0..types_size / entry {
+            section("event id", (types_offset + i * entry + attr_size) as usize)?;
+        }
     }
     // Every record header must fit the data section: the parser would stop at a bad one with no offset to show.
     let data_end = data_offset + data_size;
@@ -379,6 +401,32 @@ fn check_layout(bytes: &[u8]) -> Result<(), String> {
             ));
         }
         at += size;
+    }
+    Ok(())
+}
+
+/// `HEADER_EVENT_DESC`: `nr`, `attr_size`, then per event the attribute, `nr_ids`, a length-prefixed name and
+/// `nr_ids` ids. The parser reserves memory for whatever counts it reads, so every count must fit the section.
+fn check_event_desc(section: &[u8]) -> Result<(), String> {
+    let u32_at = |at: usize| {
+        section
+            .get(at..at.checked_add(4)?)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+    };
+    let too_short = || format!("event description of {} bytes is cut short", section.len());
+    let events = u32_at(0).ok_or_else(too_short)?;
+    let attr_size = u32_at(4).ok_or_else(too_short)?;
+    let mut at = 8usize;
+    // Every event takes at least 8 bytes, so a huge count fails within section.len() / 8 rounds.
+    for _ in 0..events {
+        at = at.checked_add(attr_size).ok_or_else(too_short)?;
+        let ids = u32_at(at).ok_or_else(too_short)?;
+        let name_len = u32_at(at + 4).ok_or_else(too_short)?;
+        at = ids
+            .checked_mul(8)
+            .and_then(|ids_len| (at + 8).checked_add(name_len)?.checked_add(ids_len))
+            .filter(|&end| end <= section.len())
+            .ok_or_else(too_short)?;
     }
     Ok(())
 }
@@ -412,4 +460,51 @@ fn repair_unfinished(bytes: &mut [u8]) -> Option<String> {
          records{}",
         if torn > 0 { format!(", ignored {torn} trailing bytes of a torn record") } else { String::new() }
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `scripts/fuzz perf_data`: an event description claiming ~2^32 events made the parser reserve
+    /// hundreds of GiB and abort the process.
+    #[test]
+    fn huge_event_description_count_is_a_clear_error() {
+        let bytes = include_bytes!("../../tests/data/fuzz-event-desc-huge-count.perf").to_vec();
+        match load_bytes(bytes, Path::new("crasher.perf")) {
+            Err(LoadError::BadLayout { reason, .. }) => {
+                assert!(reason.contains("event description"), "{reason}")
+            }
+            other => panic!("expected a layout error, got {other:?}"),
+        }
+    }
+
+    /// Found by `scripts/fuzz perf_data`: a sample whose callchain length overflows `nr * 8` panics inside
+    /// linux-perf-event-reader; the report keeps what it read and counts the record as skipped.
+    #[test]
+    fn parser_panic_on_a_corrupt_sample_is_contained() {
+        let bytes = include_bytes!("../../tests/data/fuzz-sample-callchain-overflow.perf").to_vec();
+        let profile = load_bytes(bytes, Path::new("crasher.perf")).expect("a profile");
+        assert!(profile.skipped_records > 0);
+    }
+
+    #[test]
+    fn event_description_counts_must_fit_the_section() {
+        let mut desc = Vec::new();
+        desc.extend_from_slice(&1u32.to_le_bytes()); // one event
+        desc.extend_from_slice(&8u32.to_le_bytes()); // 8-byte attribute
+        desc.extend_from_slice(&[0; 8]);
+        desc.extend_from_slice(&1u32.to_le_bytes()); // one id
+        desc.extend_from_slice(&4u32.to_le_bytes()); // 4-byte name
+        desc.extend_from_slice(b"cpu\0");
+        desc.extend_from_slice(&7u64.to_le_bytes());
+        assert_eq!(check_event_desc(&desc), Ok(()));
+        assert!(check_event_desc(&desc[..desc.len() - 1]).is_err());
+        let mut many_ids = desc.clone();
+        many_ids[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(check_event_desc(&many_ids).is_err());
+        let mut many_events = desc;
+        many_events[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(check_event_desc(&many_events).is_err());
+    }
 }

@@ -24,7 +24,10 @@ pub fn write_table(
     options: &ReportOptions,
     children: bool,
 ) -> io::Result<()> {
-    let total: u64 = samples.iter().map(|s| s.period).sum();
+    // Periods come from the file: a corrupt one must not overflow the total.
+    let total = samples
+        .iter()
+        .fold(0u64, |sum, s| sum.saturating_add(s.period));
     writeln!(out, "#")?;
     writeln!(out, "# Total Lost Samples: {}", profile.lost)?;
     writeln!(out, "#")?;
@@ -125,7 +128,8 @@ fn write_callers(
             continue;
         }
         let chain = sample.locations.iter().map(|l| l.symbol.clone()).collect();
-        *chains.entry(chain).or_default() += sample.period;
+        let sum = chains.entry(chain).or_default();
+        *sum = sum.saturating_add(sample.period);
     }
     if chains.is_empty() {
         return Ok(());

@@ -36,11 +36,13 @@ pub struct Resolver {
     mapped: HashMap<(String, u64), Option<Symbolizer>>,
     /// Shared, so a million samples of the same few thousand places copy no strings.
     cache: HashMap<(Mode, i32, u64), std::rc::Rc<Location>>,
+    /// Whether mapped files named by the recording may be opened.
+    open_mapped: bool,
     pub warnings: Vec<String>,
 }
 
 impl Resolver {
-    pub fn new(sources: &SymbolSources) -> Result<Self, ReportError> {
+    pub fn new(sources: &SymbolSources, open_mapped: bool) -> Result<Self, ReportError> {
         let mut warnings = Vec::new();
         let guest_kernel = if sources.guest_vmlinux.is_some() || sources.guest_kallsyms.is_some() {
             let mut kernel = Symbolizer::new();
@@ -83,6 +85,7 @@ impl Resolver {
             guest_user,
             mapped: HashMap::new(),
             cache: HashMap::new(),
+            open_mapped,
             warnings,
         })
     }
@@ -159,7 +162,7 @@ impl Resolver {
     }
 
     fn symbolize_mapped(&mut self, mapping: &Mapping, addr: u64) -> Option<String> {
-        if !mapping.path.starts_with('/') {
+        if !self.open_mapped || !mapping.path.starts_with('/') {
             return None;
         }
         // Executables sit at their link address; shared objects and PIEs are biased by where the mapping puts

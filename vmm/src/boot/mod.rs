@@ -19,7 +19,9 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
+};
 
 use layout::*;
 
@@ -98,8 +100,20 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
         path: kpath.clone(),
         source,
     })?;
+    load_image(mem, &mut file, &kpath, cfg)
+}
+
+/// [`load`] on a kernel image from any seekable reader (a file, or bytes in memory, as the fuzzer does);
+/// `kpath` names it in errors, `cfg.kernel` is not opened.
+pub fn load_image<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    file: &mut F,
+    kpath: &str,
+    cfg: &BootConfig,
+) -> Result<LoadedKernel, BootError> {
+    let kpath = kpath.to_owned();
     let mut magic = [0u8; 0x206];
-    let n = read_up_to(&mut file, &mut magic).map_err(|source| BootError::OpenKernel {
+    let n = read_up_to(file, &mut magic).map_err(|source| BootError::OpenKernel {
         path: kpath.clone(),
         source,
     })?;
@@ -111,7 +125,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
     };
 
     let notes = if is_elf {
-        scan_elf_notes(&mut file).unwrap_or_default()
+        scan_elf_notes(file).unwrap_or_default()
     } else {
         ElfNotes::default()
     };
@@ -138,8 +152,8 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
     let rsdp = acpi::write(mem, cfg.num_cpus)?;
 
     if is_elf {
-        let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
-            .map_err(load_err)?;
+        let r =
+            Elf::load(mem, None, file, Some(GuestAddress(HIGH_MEMORY_START))).map_err(load_err)?;
         let initrd = load_initrd(mem, cfg.initrd, r.kernel_end)?;
         let pvh_entry = match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(entry) => Some(entry.0),
@@ -171,7 +185,7 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &BootConfig) -> Result<LoadedKernel, Boo
             format: "ELF (64-bit Linux boot protocol)",
         })
     } else if is_bzimage {
-        let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START)))
+        let r = BzImage::load(mem, None, file, Some(GuestAddress(HIGH_MEMORY_START)))
             .map_err(load_err)?;
         let mut hdr = r.setup_header.ok_or_else(|| BootError::No64BitEntry {
             path: kpath.clone(),
@@ -209,7 +223,7 @@ struct ElfNotes {
 
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
-fn scan_elf_notes(file: &mut File) -> std::io::Result<ElfNotes> {
+fn scan_elf_notes<R: Read + Seek>(file: &mut R) -> std::io::Result<ElfNotes> {
     let mut ehdr = [0u8; 64];
     file.seek(SeekFrom::Start(0))?;
     file.read_exact(&mut ehdr)?;
@@ -255,7 +269,7 @@ fn scan_elf_notes(file: &mut File) -> std::io::Result<ElfNotes> {
     Ok(found)
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_up_to<R: Read + Seek>(file: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read(&mut buf[n..])? {
