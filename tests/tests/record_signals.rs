@@ -553,7 +553,7 @@ fn file_size_limit_ends_record_with_one_error_and_a_complete_file() {
 #[test]
 fn a_control_client_killed_mid_stream_leaves_the_vm_serving() {
     let dir = scratch("client-kill");
-    let (vm, sock) = spawn_vmm(&dir, "work=user_hot_a:100 secs=8");
+    let (vm, sock) = spawn_vmm(&dir, "work=user_hot_a:100 secs=16");
     // A record killed mid-stream.
     let mut first = spawn_record(
         &dir.join("a.data"),
@@ -573,6 +573,15 @@ fn a_control_client_killed_mid_stream_leaves_the_vm_serving() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     drop(raw);
+    // A client that asks for the stream and stays connected without reading loses the session once its socket
+    // buffer is full and a write has blocked for 5 s (vmm/docs/control-protocol.md).
+    let mut stalled = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    writeln!(
+        stalled,
+        r#"{{"v":1,"cmd":"sample","freq":5000,"callchain":true}}"#
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
     // A new client streams again.
     let data = dir.join("c.data");
     let rec = spawn_record(
@@ -589,6 +598,7 @@ fn a_control_client_killed_mid_stream_leaves_the_vm_serving() {
         "the next client got only {samples} samples: {stderr}"
     );
     assert_complete(&data, samples);
+    drop(stalled);
     // The guest finishes its workload and says so.
     let mut vm = vm;
     let mut stdout = String::new();

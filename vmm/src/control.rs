@@ -180,6 +180,8 @@ fn stream_samples(out: &mut UnixStream, vm: &VmControl, freq: u32, callchains: b
             }
         }
     };
+    // A client that stops reading would hold the VM's one sampling session for as long as it stays connected.
+    let _ = out.set_write_timeout(Some(STALLED_CLIENT));
     let peer = out.try_clone().ok();
     let mut w = std::io::BufWriter::new(out);
     let mut ok = writeln!(w, "{}", json!({ "ok": true, "vcpus": vm.vcpu_count() })).is_ok()
@@ -208,6 +210,9 @@ fn stream_samples(out: &mut UnixStream, vm: &VmControl, freq: u32, callchains: b
     }
     vm.stop_sampling();
 }
+
+/// How long a stream write may block on a client that does not read before the session is ended.
+const STALLED_CLIENT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a sampling request waits for a departing client's session to end.
 const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
