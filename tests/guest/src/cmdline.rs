@@ -295,7 +295,7 @@ pub fn parse(s: &[u8]) -> Config {
             }
             b"irq_secs" => {
                 c.irq_secs = number(v)
-                    .filter(|&s| (1..=300).contains(&s))
+                    .filter(|&s| (1..=3600).contains(&s))
                     .unwrap_or_else(|| bad("irq_secs", v))
             }
             b"seed" => c.seed = number(v).unwrap_or_else(|| bad("seed", v)),
