@@ -47,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
             kernel_format: "ELF".into(),
             cmdline: String::new(),
             pid: 1,
+            vcpu_tids: vec![100, 101],
         },
     };
     let text = String::from_utf8_lossy(data);
