@@ -15,36 +15,6 @@ use std::process::Command;
 
 use symbolize_common::*;
 
-const SOURCE: &str = r#"
-#include <stdlib.h>
-#include <string.h>
-struct point { int x, y; };
-static inline int square(int v) { return v * v; }
-static inline int dist2(struct point a, struct point b) { return square(a.x - b.x) + square(a.y - b.y); }
-static int __attribute__((noinline)) nearest(const struct point *pts, int n, struct point q) {
-    int best = -1, best_d = 0x7fffffff;
-    for (int i = 0; i < n; i++) {
-        int d = dist2(pts[i], q);
-        if (d < best_d) { best_d = d; best = i; }
-    }
-    return best;
-}
-static inline unsigned mixbits(unsigned h, unsigned v) { h ^= v; h *= 16777619u; return h; }
-unsigned __attribute__((noinline)) hash(const char *s) {
-    unsigned h = 2166136261u;
-    while (*s) h = mixbits(h, (unsigned char)*s++);
-    return h;
-}
-static void __attribute__((noinline, cold)) fail(const char *why) { if (why) abort(); }
-int main(int argc, char **argv) {
-    struct point pts[4] = {{0, 0}, {3, 4}, {-2, 7}, {5, -1}};
-    struct point q = { argc, (int)strlen(argv[0]) };
-    int i = nearest(pts, 4, q);
-    if (i < 0) fail("no point");
-    return (int)(hash(argv[0]) & 0x7f) + i;
-}
-"#;
-
 /// Where the "guest" loaded the code sections: far apart, as a module's core and init regions are.
 const BASES: [(&str, u64); 3] = [
     (".text", 0xffff_ffff_c0a0_0000),
@@ -61,7 +31,7 @@ fn scratch_dir(name: &str) -> PathBuf {
 /// `gcc -O2 -g -c`; `one_section` keeps every function in `.text` (no .text.startup/.text.unlikely).
 fn build_object(dir: &Path, name: &str, one_section: bool) -> PathBuf {
     let source = dir.join("module_test.c");
-    std::fs::write(&source, SOURCE).expect("write C source");
+    std::fs::write(&source, SMALL_C_PROGRAM).expect("write C source");
     let object = dir.join(format!("{name}.ko"));
     let mut gcc = Command::new("gcc");
     gcc.args(["-O2", "-g", "-c"]);

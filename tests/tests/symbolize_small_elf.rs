@@ -8,39 +8,9 @@ use std::process::Command;
 
 use symbolize_common::*;
 
-const SOURCE: &str = r#"
-#include <stdlib.h>
-#include <string.h>
-struct point { int x, y; };
-static inline int square(int v) { return v * v; }
-static inline int dist2(struct point a, struct point b) { return square(a.x - b.x) + square(a.y - b.y); }
-static int __attribute__((noinline)) nearest(const struct point *pts, int n, struct point q) {
-    int best = -1, best_d = 0x7fffffff;
-    for (int i = 0; i < n; i++) {
-        int d = dist2(pts[i], q);
-        if (d < best_d) { best_d = d; best = i; }
-    }
-    return best;
-}
-static inline unsigned mixbits(unsigned h, unsigned v) { h ^= v; h *= 16777619u; return h; }
-unsigned __attribute__((noinline)) hash(const char *s) {
-    unsigned h = 2166136261u;
-    while (*s) h = mixbits(h, (unsigned char)*s++);
-    return h;
-}
-static void __attribute__((noinline, cold)) fail(const char *why) { if (why) abort(); }
-int main(int argc, char **argv) {
-    struct point pts[4] = {{0, 0}, {3, 4}, {-2, 7}, {5, -1}};
-    struct point q = { argc, (int)strlen(argv[0]) };
-    int i = nearest(pts, 4, q);
-    if (i < 0) fail("no point");
-    return (int)(hash(argv[0]) & 0x7f) + i;
-}
-"#;
-
 fn build_program(dir: &Path) -> PathBuf {
     let source = dir.join("inline_test.c");
-    std::fs::write(&source, SOURCE).expect("write C source");
+    std::fs::write(&source, SMALL_C_PROGRAM).expect("write C source");
     let elf = dir.join("inline_test");
     let status = Command::new("gcc")
         .args(["-O2", "-g", "-fno-pie", "-no-pie", "-o"])
