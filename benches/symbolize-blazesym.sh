@@ -14,13 +14,8 @@ cd "$(dirname "$0")/.."
 elf="${1:-}"
 count="${2:-100000}"
 reps="${3:-3}"
-if [ -z "$elf" ]; then
-    for dir in "${KVM_PROF_CACHE:-}" "${XDG_CACHE_HOME:+$XDG_CACHE_HOME/kvm-prof}" /var/cache/kvm-prof "$HOME/.cache/kvm-prof"; do
-        [ -n "$dir" ] || continue
-        found="$(ls "$dir"/vmlinux-6.1.0-*-cloud-amd64 2>/dev/null | sort -V | tail -1 || true)"
-        if [ -n "$found" ]; then elf="$found"; break; fi
-    done
-fi
+source benches/symbolize-addresses.sh
+[ -n "$elf" ] || elf="$(cached_debian_vmlinux)"
 [ -n "$elf" ] && [ -f "$elf" ] || { echo "usage: $0 [ELF] [COUNT] [REPS] (no cached Debian vmlinux found)" >&2; exit 2; }
 
 target_dir="${CARGO_TARGET_DIR:-$PWD/benches/symbolize-vs-blazesym/target}"
@@ -29,23 +24,7 @@ bench="$target_dir/release/symbolize-vs-blazesym"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# Deterministic addresses inside sized functions, as benches/symbolize.sh and the tests choose them.
-readelf -sW "$elf" | awk '$4 == "FUNC" && $3 > 0 && $7 != "UND" { print $2, $3 }' | sort -u > "$work/functions"
-python3 - "$work/functions" "$work/addrs" "$count" <<'PY'
-import sys
-functions = [(int(a, 16), int(s)) for a, s in (l.split() for l in open(sys.argv[1]))]
-def mix(x):
-    m = (1 << 64) - 1
-    x = (x + 0x9E3779B97F4A7C15) & m
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
-    return x ^ (x >> 31)
-count = int(sys.argv[3])
-with open(sys.argv[2], "w") as out:
-    for i in range(count):
-        start, size = functions[i * len(functions) // count % len(functions)]
-        out.write(f"{start + mix(i) % size:#x}\n")
-PY
+pick_addresses "$elf" "$work/addrs" "$count"
 cat "$elf" > /dev/null # page cache: every tool starts from the same warm file
 
 for rep in $(seq "$reps"); do

@@ -10,13 +10,8 @@ elf="${1:-}"
 shift || true
 counts=("$@")
 [ ${#counts[@]} -gt 0 ] || counts=(2000 50000)
-if [ -z "$elf" ]; then
-    for dir in "${KVM_PROF_CACHE:-}" "${XDG_CACHE_HOME:+$XDG_CACHE_HOME/kvm-prof}" /var/cache/kvm-prof "$HOME/.cache/kvm-prof"; do
-        [ -n "$dir" ] || continue
-        found="$(ls "$dir"/vmlinux-6.1.0-*-cloud-amd64 2>/dev/null | sort -V | tail -1 || true)"
-        if [ -n "$found" ]; then elf="$found"; break; fi
-    done
-fi
+source benches/symbolize-addresses.sh
+[ -n "$elf" ] || elf="$(cached_debian_vmlinux)"
 [ -n "$elf" ] && [ -f "$elf" ] || { echo "usage: $0 ELF [COUNTS...] (no cached Debian vmlinux found)" >&2; exit 2; }
 
 cargo build --release -p perf-kvm >&2
@@ -25,23 +20,9 @@ perf_kvm="$target_dir/release/perf-kvm"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-# Deterministic addresses inside sized functions, as the tests choose them.
-readelf -sW "$elf" | awk '$4 == "FUNC" && $3 > 0 && $7 != "UND" { print $2, $3 }' | sort -u > "$work/functions"
-python3 - "$work/functions" "$work" "${counts[@]}" <<'PY'
-import sys
-functions = [(int(a, 16), int(s)) for a, s in (l.split() for l in open(sys.argv[1]))]
-def mix(x):
-    m = (1 << 64) - 1
-    x = (x + 0x9E3779B97F4A7C15) & m
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
-    return x ^ (x >> 31)
-for count in map(int, sys.argv[3:]):
-    with open(f"{sys.argv[2]}/addrs-{count}", "w") as out:
-        for i in range(count):
-            start, size = functions[i * len(functions) // count % len(functions)]
-            out.write(f"{start + mix(i) % size:#x}\n")
-PY
+for count in "${counts[@]}"; do
+    pick_addresses "$elf" "$work/addrs-$count" "$count"
+done
 
 seconds() {
     local start end
