@@ -86,16 +86,7 @@ fn port_exits_and_halts_match_the_guest() {
         "--event",
         "ioport",
     ]);
-    let pout: u64 = ports
-        .lines()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .next()
-                .filter(|n| n.ends_with(":POUT"))
-                .map(|n| row_samples(&ports, n))
-        })
-        .map(|n| n.expect("samples column"))
-        .sum();
+    let pout = sum_rows(&ports, ":POUT");
     assert_eq!(
         pout, vmm_writes,
         "every port write outside PIT/PIC is one POUT exit\n{ports}"
@@ -106,16 +97,7 @@ fn port_exits_and_halts_match_the_guest() {
 
     let reasons = run_ok(&["stat", "report", "-i", rec.to_str().unwrap()]);
     let io = row_samples(&reasons, "IO_INSTRUCTION").expect("IO_INSTRUCTION row");
-    let reads: u64 = ports
-        .lines()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .next()
-                .filter(|n| n.ends_with(":PIN"))
-                .map(|n| row_samples(&ports, n))
-        })
-        .map(|n| n.expect("samples column"))
-        .sum();
+    let reads = sum_rows(&ports, ":PIN");
     assert_eq!(io, vmm_writes + reads, "{reasons}");
     // The guest never executes `hlt`: no HLT exits reach the VMM and KVM counted no halts.
     assert_eq!(row_samples(&reasons, "HLT"), None, "{reasons}");
@@ -278,4 +260,13 @@ fn bad_input_gives_clear_errors() {
     let err = run_err(&["stat", "--vm", sock.to_str().unwrap()]);
     assert!(err.contains("malformed control reply"), "{err}");
     server.join().unwrap();
+}
+
+/// Sum of the samples column over every row whose name ends with `suffix` (`:POUT`, `:PIN`).
+fn sum_rows(table: &str, suffix: &str) -> u64 {
+    table
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().filter(|n| n.ends_with(suffix)))
+        .map(|n| row_samples(table, n).expect("samples column"))
+        .sum()
 }
