@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod gdb_common;
+
 use integration_tests::bins::{bin, run_with_deadline};
 use integration_tests::guest_elf;
 
@@ -345,25 +347,6 @@ impl Drop for LiveVmm {
     }
 }
 
-fn gdb(address: &str, commands: &[String]) -> String {
-    let mut cmd = Command::new("gdb");
-    cmd.args(["-batch", "-nx", "-ex", "set confirm off", "-ex"])
-        .arg(format!("file {}", guest_elf().display()))
-        .args(["-ex", &format!("target remote {address}")]);
-    for c in commands {
-        cmd.args(["-ex", c]);
-    }
-    let (out, killed) = run_with_deadline(&mut cmd, Duration::from_secs(120));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("--- gdb ---\n{text}");
-    assert!(!killed, "gdb did not finish:\n{text}");
-    text
-}
-
 /// Every line of `report --folded` is `comm;frame;...;frame count`: the frames of the deepest sample.
 fn deepest_folded_stack(data: &Path) -> usize {
     let out = Command::new(bin("perf-kvm"))
@@ -439,7 +422,10 @@ fn wild_frame_pointers_and_page_tables_outside_ram_under_record_g_and_gdb() {
         "info registers rbp".into(),
         "detach".into(),
     ]);
-    let text = gdb(&vmm.gdb_address, &cmds);
+    let text = gdb_common::run_gdb(
+        &vmm.gdb_address,
+        &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     for k in unreadable {
         let addr = bad[k].trim_start_matches("0x");
         assert!(
@@ -556,7 +542,10 @@ fn cr3_outside_ram_ends_with_a_crash_report_under_record_and_gdb() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let text = gdb(&vmm.gdb_address, &cmds);
+    let text = gdb_common::run_gdb(
+        &vmm.gdb_address,
+        &cmds.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     assert!(text.contains("SIGSEGV"), "{text}");
     assert!(
         text.contains("Cannot access memory at address 0xffffffff8"),
