@@ -7,7 +7,7 @@
 //! to where its sections were loaded (see `reloc`).
 
 use std::borrow::Cow;
-use std::cell::{Cell, OnceCell, RefCell};
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
@@ -17,7 +17,7 @@ use object::{
     Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind,
 };
 
-use crate::discriminator::DiscriminatorCache;
+use crate::dwarf::{DwarfIndex, FrameStyle, Slice};
 use crate::symtab::{RawSymbol, SymbolTable};
 use crate::Frame;
 
@@ -35,16 +35,11 @@ pub enum ElfError {
     NoAddressRanges,
 }
 
-type Slice = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
-
 struct DwarfContext {
     // Declared before `_decompressed` so it is dropped first: it may borrow from those buffers.
-    context: addr2line::Context<Slice>,
-    discriminators: DiscriminatorCache,
-    /// The sections `context` reads, kept to check unit headers only when someone asks for problems.
-    sections: Arc<gimli::Dwarf<Slice>>,
-    /// Units addr2line will silently skip (bad header or abbreviations): their code has no line info. Found on
-    /// the first [`ElfObject::dwarf_problem`] call, not at load: a tenth of a cold batch nobody may ask for.
+    index: DwarfIndex,
+    /// Units whose header or abbreviations do not parse: their code has no line info. Found on the first
+    /// [`ElfObject::dwarf_problem`] call, not at load: a tenth of a cold batch nobody may ask for.
     unit_problems: OnceCell<Option<String>>,
     /// Relocations of a `.ko`'s DWARF that could not be applied, found at load.
     relocation_problem: Option<String>,
@@ -54,15 +49,13 @@ struct DwarfContext {
 pub(crate) struct ElfObject {
     // Field order is drop order: `dwarf` holds data borrowed from `_backing`, which must outlive it.
     dwarf: OnceCell<Result<DwarfContext, String>>,
-    lookup_errors: Cell<usize>,
-    first_lookup_error: RefCell<Option<String>>,
     symtab: SymbolTable,
     /// Sorted, non-overlapping link-time `[start, end)` ranges of allocated sections.
     ranges: Vec<(u64, u64)>,
     build_id: Option<Vec<u8>>,
     /// For a relocatable object: each section's load address, by section index (`None`: not loaded).
     placement: Option<Vec<Option<u64>>>,
-    pub name: String,
+    pub name: Arc<str>,
     pub bias: u64,
     /// `'static` is a lie confined to this module: the slice lives exactly as long as `_backing`.
     data: &'static [u8],
@@ -144,13 +137,11 @@ impl ElfObject {
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
         Ok(ElfObject {
             dwarf: OnceCell::new(),
-            lookup_errors: Cell::new(0),
-            first_lookup_error: RefCell::new(None),
             symtab,
             ranges,
             build_id,
             placement,
-            name,
+            name: Arc::from(name),
             bias,
             data,
             _backing: backing,
@@ -213,143 +204,115 @@ impl ElfObject {
             .collect()
     }
 
-    pub fn frames(&self, link_addr: u64, demangle: bool, discriminators: bool) -> Vec<Frame> {
-        let mut frames = self.dwarf_frames(link_addr, demangle, discriminators);
-        let symbol = self.symtab.lookup(link_addr);
-        match frames.last_mut() {
-            Some(outer) => {
-                // Asm code has line rows but no subprogram DIE; binutils and llvm-symbolizer name it from the
-                // symbol table, and so do we.
-                if outer.function.is_none() {
-                    outer.function = symbol.map(|s| display_name(&s.name, demangle));
-                }
-                if let Some(s) = symbol {
-                    outer.symbol_offset = Some(link_addr - s.start);
-                }
-            }
-            None => {
-                if let Some(s) = symbol {
-                    frames.push(Frame {
-                        function: Some(display_name(&s.name, demangle)),
-                        symbol_offset: Some(link_addr - s.start),
-                        file: None,
-                        line: None,
-                        column: None,
-                        discriminator: None,
-                        inlined: false,
-                    });
-                }
-            }
+    /// Frames for each link-time address of a sorted, duplicate-free batch, innermost first; empty when neither
+    /// DWARF nor the symbol table knows it. DWARF units are parsed on up to `threads` threads.
+    pub fn frames_batch(
+        &self,
+        link_addrs: &[u64],
+        demangle: bool,
+        discriminators: bool,
+        threads: usize,
+    ) -> Vec<Vec<Frame>> {
+        let symtab = &self.symtab;
+        let complete = |link_addr: u64, frames: &mut Vec<Frame>| {
+            complete_from_symbols(symtab, link_addr, frames, demangle)
+        };
+        match self.dwarf_index() {
+            Some(index) => index.frames_batch(
+                link_addrs,
+                FrameStyle {
+                    demangle,
+                    discriminators,
+                },
+                &complete,
+                threads,
+            ),
+            None => link_addrs
+                .iter()
+                .map(|&a| {
+                    let mut frames = Vec::new();
+                    complete(a, &mut frames);
+                    frames
+                })
+                .collect(),
         }
-        frames
     }
 
     /// What went wrong with this file's DWARF so far: a failed parse, or lookups that hit corrupt entries.
     pub fn dwarf_problem(&self) -> Option<String> {
-        match self.dwarf.get() {
+        let context = match self.dwarf.get() {
             Some(Err(e)) => return Some(format!("DWARF unusable, symbol table only: {e}")),
-            Some(Ok(context)) => {
-                let units = context
-                    .unit_problems
-                    .get_or_init(|| check_unit_headers(&context.sections));
-                match (units, &context.relocation_problem) {
-                    (Some(units), Some(relocations)) => {
-                        return Some(format!("{units}; {relocations}"))
-                    }
-                    (Some(problem), None) | (None, Some(problem)) => return Some(problem.clone()),
-                    (None, None) => {}
-                }
-            }
-            None => {}
+            Some(Ok(context)) => context,
+            None => return None,
+        };
+        let units = context
+            .unit_problems
+            .get_or_init(|| check_unit_headers(context.index.sections()));
+        match (units, &context.relocation_problem) {
+            (Some(units), Some(relocations)) => return Some(format!("{units}; {relocations}")),
+            (Some(problem), None) | (None, Some(problem)) => return Some(problem.clone()),
+            (None, None) => {}
         }
-        let count = self.lookup_errors.get();
-        let first = self.first_lookup_error.borrow();
-        first.as_ref().map(|first| {
+        let (count, first) = context.index.errors();
+        first.map(|first| {
             format!("{count} lookup(s) hit corrupt DWARF and fell back to the symbol table (first: {first})")
         })
     }
 
-    fn note_lookup_error(&self, link_addr: u64, error: gimli::Error) {
-        self.lookup_errors.set(self.lookup_errors.get() + 1);
-        self.first_lookup_error
-            .borrow_mut()
-            .get_or_insert_with(|| format!("{link_addr:#x}: {error}"));
-    }
-
-    fn dwarf_frames(&self, link_addr: u64, demangle: bool, discriminators: bool) -> Vec<Frame> {
-        let Ok(dwarf) = self
-            .dwarf
+    fn dwarf_index(&self) -> Option<&DwarfIndex> {
+        self.dwarf
             .get_or_init(|| load_dwarf(self.data, self.placement.as_deref()))
-        else {
-            return Vec::new();
-        };
-        // Corrupt DWARF for this address: fall back to the symbol table rather than failing the batch, and say so.
-        let mut iter = match dwarf.context.find_frames(link_addr).skip_all_loads() {
-            Ok(iter) => iter,
-            Err(e) => {
-                self.note_lookup_error(link_addr, e);
-                return Vec::new();
-            }
-        };
-        let mut frames = Vec::new();
-        loop {
-            let frame = match iter.next() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(e) => {
-                    // A corrupt DIE mid-chain ends the chain; the frames found so far are still right.
-                    self.note_lookup_error(link_addr, e);
-                    break;
-                }
-            };
-            let function = frame.function.as_ref().and_then(|name| {
-                let name = if demangle {
-                    name.demangle()
-                } else {
-                    name.raw_name()
-                };
-                name.ok().map(Cow::into_owned)
-            });
-            let (file, line, column) = match frame.location {
-                Some(loc) => (loc.file.map(str::to_owned), loc.line, loc.column),
-                None => (None, None, None),
-            };
-            frames.push(Frame {
-                function,
-                symbol_offset: None,
-                file,
-                line,
-                column,
-                discriminator: None,
-                inlined: true,
-            });
-        }
-        if let Some(outer) = frames.last_mut() {
-            outer.inlined = false;
-        }
-        if let Some(innermost) = frames
-            .first_mut()
-            .filter(|f| discriminators && f.line.is_some())
-        {
-            if let Some(unit) = dwarf
-                .context
-                .find_dwarf_and_unit(link_addr)
-                .skip_all_loads()
-            {
-                innermost.discriminator =
-                    dwarf.discriminators.lookup(unit, link_addr).ok().flatten();
-            }
-        }
-        frames
+            .as_ref()
+            .ok()
+            .map(|context| &context.index)
     }
 }
 
-pub(crate) fn display_name(name: &str, demangle: bool) -> String {
-    if demangle {
-        addr2line::demangle_auto(Cow::Borrowed(name), None).into_owned()
-    } else {
-        name.to_owned()
+/// The symbol table's part of an address's frames: the outermost frame's name where DWARF has none (asm code has
+/// line rows but no subprogram DIE; binutils and llvm-symbolizer name it from the symbol table, and so do we) and
+/// its offset in the symbol; the only frame when DWARF knows nothing.
+fn complete_from_symbols(
+    symtab: &SymbolTable,
+    link_addr: u64,
+    frames: &mut Vec<Frame>,
+    demangle: bool,
+) {
+    let Some(symbol) = symtab.lookup(link_addr) else {
+        return;
+    };
+    match frames.last_mut() {
+        Some(outer) => {
+            if outer.function.is_none() {
+                outer.function = Some(display_name(&symbol.name, demangle));
+            }
+            outer.symbol_offset = Some(link_addr - symbol.start);
+        }
+        None => frames.push(Frame {
+            function: Some(display_name(&symbol.name, demangle)),
+            symbol_offset: Some(link_addr - symbol.start),
+            file: None,
+            line: None,
+            column: None,
+            discriminator: None,
+            inlined: false,
+        }),
     }
+}
+
+/// A symbol-table name as printed: demangled when asked and it is a Rust or C++ name.
+pub(crate) fn display_name(name: &Arc<str>, demangle: bool) -> Arc<str> {
+    if demangle && maybe_mangled(name) {
+        let demangled = addr2line::demangle_auto(Cow::Borrowed(name), None);
+        if *demangled != **name {
+            return Arc::from(demangled.as_ref());
+        }
+    }
+    name.clone()
+}
+
+/// Whether a name could be an Itanium C++ or Rust (legacy or v0) mangled name; C names never are.
+pub(crate) fn maybe_mangled(name: &str) -> bool {
+    name.starts_with("_Z") || name.starts_with("__Z") || name.starts_with("_R")
 }
 
 /// `placement`: for a relocatable object, where its sections were loaded; its DWARF sections are relocated to it.
@@ -401,21 +364,17 @@ fn load_dwarf(
             skipped.count
         )
     });
-    let sections = Arc::new(dwarf);
-    let context =
-        addr2line::Context::from_arc_dwarf(sections.clone()).map_err(|e| format!("DWARF: {e}"))?;
+    let index = DwarfIndex::new(dwarf).map_err(|e| format!("DWARF: {e}"))?;
     Ok(DwarfContext {
-        context,
-        discriminators: DiscriminatorCache::default(),
-        sections,
+        index,
         unit_problems: OnceCell::new(),
         relocation_problem,
         _decompressed: decompressed,
     })
 }
 
-/// Opens every unit's header, root DIE and line program header, as addr2line does when it indexes units, so that a
-/// corrupt unit, which addr2line skips without a word, is reported. Costs a few ms on a distribution vmlinux.
+/// Opens every unit's header, root DIE and line program header, so that a corrupt unit, whose addresses then fall
+/// back to the symbol table, is reported. Costs a few ms on a distribution vmlinux.
 fn check_unit_headers(dwarf: &gimli::Dwarf<Slice>) -> Option<String> {
     let mut bad_units = 0usize;
     let mut first = None;

@@ -24,7 +24,7 @@
 //! # }
 //! ```
 
-mod discriminator;
+mod dwarf;
 mod elf;
 mod format;
 mod kallsyms;
@@ -34,6 +34,7 @@ mod symtab;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use elf::ElfError;
 pub use format::{format_addr2line, Addr2lineStyle};
@@ -74,16 +75,16 @@ pub struct Symbolized {
     /// Innermost (inlined) frame first; the last is the containing real function. Empty = unknown.
     pub frames: Vec<Frame>,
     /// The ELF path, `[module]`, or [`KERNEL_OBJECT_NAME`] the address belongs to; `None` if outside all of them.
-    pub object: Option<String>,
+    pub object: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
-    /// Demangled unless [`Symbolizer::set_demangle`] turned it off.
-    pub function: Option<String>,
+    /// Demangled unless [`Symbolizer::set_demangle`] turned it off. Shared: clones are cheap.
+    pub function: Option<Arc<str>>,
     /// Offset from the start of the containing symbol (outermost frame only).
     pub symbol_offset: Option<u64>,
-    pub file: Option<String>,
+    pub file: Option<Arc<str>>,
     pub line: Option<u32>,
     pub column: Option<u32>,
     /// DWARF line-table discriminator of the innermost frame's row (binutils prints it; `None` if zero).
@@ -109,6 +110,7 @@ pub struct Symbolizer {
     demangle: bool,
     symbols_only: bool,
     discriminators: bool,
+    threads: usize,
 }
 
 impl Default for Symbolizer {
@@ -127,7 +129,13 @@ impl Symbolizer {
             demangle: true,
             symbols_only: false,
             discriminators: true,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
+    }
+
+    /// How many threads a large batch may use to parse DWARF (default: the CPUs this process may run on).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     /// Whether function names are demangled (default: yes).
@@ -141,9 +149,7 @@ impl Symbolizer {
         self.symbols_only = symbols_only;
     }
 
-    /// Whether [`Frame::discriminator`] is filled in (default: yes). Finding it walks each unit's line program a
-    /// second time, which addr2line-the-crate does not expose; callers that never print discriminators (binutils
-    /// does, a profile table does not) save that walk, about a fifth of a cold batch on a distribution vmlinux.
+    /// Whether [`Frame::discriminator`] is filled in (default: yes; binutils prints them, a profile table does not).
     pub fn set_discriminators(&mut self, discriminators: bool) {
         self.discriminators = discriminators;
     }
@@ -274,51 +280,92 @@ impl Symbolizer {
         all
     }
 
-    /// Batch lookup, results in input order; addresses may be unsorted.
+    /// Batch lookup, results in input order; addresses may be unsorted. A large batch parses DWARF on several
+    /// threads (see [`Self::set_threads`]).
     pub fn symbolize(&self, addrs: &[u64]) -> Vec<Symbolized> {
         // Look up in address order (line tables and units are then visited sequentially), once per unique address.
-        let mut order: Vec<usize> = (0..addrs.len()).collect();
-        order.sort_unstable_by_key(|&i| addrs[i]);
-        let mut results: Vec<Option<Symbolized>> = vec![None; addrs.len()];
-        let mut previous: Option<usize> = None;
-        for i in order {
-            let result = match previous {
-                Some(p) if addrs[p] == addrs[i] => {
-                    results[p].clone().expect("earlier result filled")
-                }
-                _ => self.symbolize_one(addrs[i]),
-            };
-            results[i] = Some(result);
-            previous = Some(i);
+        let mut unique = addrs.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        // Per ELF, the (unique index, link-time address) of the addresses it holds, in address order.
+        let mut per_elf: Vec<Vec<(usize, u64)>> = vec![Vec::new(); self.elfs.len()];
+        let mut answers: Vec<Option<Symbolized>> = vec![None; unique.len()];
+        for (i, &addr) in unique.iter().enumerate() {
+            let holder = self.elfs.iter().enumerate().find_map(|(e, elf)| {
+                let link_addr = addr.wrapping_sub(elf.bias);
+                elf.contains(link_addr).then_some((e, link_addr))
+            });
+            match holder {
+                Some((e, link_addr)) => per_elf[e].push((i, link_addr)),
+                None => answers[i] = Some(self.symbolize_outside_elfs(addr)),
+            }
         }
-        results
-            .into_iter()
-            .map(|r| r.expect("every index visited"))
+        for (elf, held) in self.elfs.iter().zip(&per_elf) {
+            if held.is_empty() {
+                continue;
+            }
+            // The bias is one constant per ELF, but it may wrap: sort the link-time addresses again.
+            let mut link_addrs: Vec<u64> = held.iter().map(|&(_, a)| a).collect();
+            link_addrs.sort_unstable();
+            let frames = if self.symbols_only {
+                link_addrs
+                    .iter()
+                    .map(|&a| elf.symbol_frames(a, self.demangle))
+                    .collect()
+            } else {
+                elf.frames_batch(
+                    &link_addrs,
+                    self.demangle,
+                    self.discriminators,
+                    self.threads,
+                )
+            };
+            let mut frames: Vec<Option<Vec<Frame>>> = frames.into_iter().map(Some).collect();
+            for &(i, link_addr) in held {
+                let at = link_addrs
+                    .binary_search(&link_addr)
+                    .expect("sorted from these");
+                answers[i] = Some(Symbolized {
+                    addr: unique[i],
+                    frames: frames[at].take().unwrap_or_default(),
+                    object: Some(elf.name.clone()),
+                });
+            }
+        }
+        // Into input order: each answer moves to the last of its address's positions and is cloned for the others.
+        let position = |addr: &u64| {
+            unique
+                .binary_search(addr)
+                .expect("every address is in unique")
+        };
+        let mut uses = vec![0u32; unique.len()];
+        for addr in addrs {
+            uses[position(addr)] += 1;
+        }
+        addrs
+            .iter()
+            .map(|addr| {
+                let i = position(addr);
+                uses[i] -= 1;
+                if uses[i] == 0 {
+                    answers[i].take()
+                } else {
+                    answers[i].clone()
+                }
+                .expect("every unique address answered")
+            })
             .collect()
     }
 
-    fn symbolize_one(&self, addr: u64) -> Symbolized {
-        for elf in &self.elfs {
-            let link_addr = addr.wrapping_sub(elf.bias);
-            if elf.contains(link_addr) {
-                return Symbolized {
-                    addr,
-                    frames: if self.symbols_only {
-                        elf.symbol_frames(link_addr, self.demangle)
-                    } else {
-                        elf.frames(link_addr, self.demangle, self.discriminators)
-                    },
-                    object: Some(elf.name.clone()),
-                };
-            }
-        }
+    /// An address no ELF holds: from kallsyms, or at least the module it lies in.
+    fn symbolize_outside_elfs(&self, addr: u64) -> Symbolized {
         if let Some(k) = &self.kallsyms {
             if let Some(sym) = k.table.lookup(addr) {
                 let object = sym.object.unwrap_or(0) as usize;
                 let name = if object == 0 {
-                    KERNEL_OBJECT_NAME.to_owned()
+                    Arc::from(KERNEL_OBJECT_NAME)
                 } else {
-                    format!("[{}]", k.object_names[object - 1])
+                    Arc::from(format!("[{}]", k.object_names[object - 1]))
                 };
                 let frame = Frame {
                     function: Some(elf::display_name(&sym.name, self.demangle)),
@@ -343,7 +390,7 @@ impl Symbolizer {
         Symbolized {
             addr,
             frames: Vec::new(),
-            object: module.map(|m| format!("[{}]", m.name)),
+            object: module.map(|m| Arc::from(format!("[{}]", m.name))),
         }
     }
 

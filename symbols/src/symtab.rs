@@ -10,7 +10,7 @@ pub(crate) struct TableSymbol {
     pub start: u64,
     /// Exclusive end. Always > `start` once the table is finished.
     pub end: u64,
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// Index into the owning table's object names (for kallsyms: the module), if any.
     pub object: Option<u32>,
 }
@@ -66,7 +66,7 @@ impl SymbolTable {
                 start: sym.start,
                 end,
                 // Moved, not cloned: `raw` is dropped next and only starts are read from it after this point.
-                name: std::mem::take(&mut sym.name),
+                name: std::sync::Arc::from(std::mem::take(&mut sym.name)),
                 object: sym.object,
             });
         }
@@ -105,7 +105,7 @@ mod tests {
             raw(0x1000, 0x10, u64::MAX, "a"),
             raw(0x2000, 0x10, u64::MAX, "b"),
         ]);
-        assert_eq!(t.lookup(0x100f).unwrap().name, "a");
+        assert_eq!(t.lookup(0x100f).unwrap().name.as_ref(), "a");
         assert!(t.lookup(0x1010).is_none());
         assert!(t.lookup(0xfff).is_none());
         assert!(t.lookup(0x2010).is_none());
@@ -117,8 +117,8 @@ mod tests {
             raw(0x1000, 0, 0x3000, "a"),
             raw(0x2000, 0, 0x3000, "b"),
         ]);
-        assert_eq!(t.lookup(0x1fff).unwrap().name, "a");
-        assert_eq!(t.lookup(0x2fff).unwrap().name, "b");
+        assert_eq!(t.lookup(0x1fff).unwrap().name.as_ref(), "a");
+        assert_eq!(t.lookup(0x2fff).unwrap().name.as_ref(), "b");
         assert!(t.lookup(0x3000).is_none());
     }
 
@@ -129,7 +129,7 @@ mod tests {
             raw(0x1000, 0, 0x2000, "_stext"),
             raw(0x1000, 0, 0x2000, "startup_64"),
         ]);
-        assert_eq!(t.lookup(0x1000).unwrap().name, "startup_64");
+        assert_eq!(t.lookup(0x1000).unwrap().name.as_ref(), "startup_64");
     }
 
     #[test]
@@ -138,7 +138,7 @@ mod tests {
             raw(0x1000, 0x100, u64::MAX, "f"),
             raw(0x1010, 0x8, u64::MAX, "label"),
         ]);
-        assert_eq!(t.lookup(0x1012).unwrap().name, "label");
-        assert_eq!(t.lookup(0x1020).unwrap().name, "f");
+        assert_eq!(t.lookup(0x1012).unwrap().name.as_ref(), "label");
+        assert_eq!(t.lookup(0x1020).unwrap().name.as_ref(), "f");
     }
 }

@@ -103,7 +103,7 @@ fn kernel_symbolizer(kernel: PathBuf) -> crate::vm::SymbolizeFn {
         let name = outer.function.clone()?;
         Some(match outer.symbol_offset {
             Some(off) => format!("{name}+{off:#x}"),
-            None => name,
+            None => name.to_string(),
         })
     })
 }

@@ -115,7 +115,7 @@ fn time_ours(elf: &Path, addrs: &[u64], warm_reps: usize, discriminators: bool) 
                 .iter()
                 .map(|f| {
                     (
-                        f.function.clone().unwrap_or_else(|| "??".into()),
+                        f.function.as_deref().unwrap_or("??").to_owned(),
                         f.line.unwrap_or(0),
                     )
                 })

@@ -202,8 +202,11 @@ fn symbolize(symbolizer: Option<&Symbolizer>, addr: u64) -> (Option<String>, Opt
         return (None, None);
     };
     // Frames are innermost first; the last one is the containing real function, the one perf names.
-    let function = result.frames.last().and_then(|f| f.function.clone());
-    (function, result.object)
+    let function = result
+        .frames
+        .last()
+        .and_then(|f| f.function.as_deref().map(str::to_owned));
+    (function, result.object.as_deref().map(str::to_owned))
 }
 
 fn find_mapping(profile: &Profile, pid: i32, addr: u64) -> Option<&Mapping> {

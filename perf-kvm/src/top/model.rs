@@ -169,7 +169,7 @@ impl TopModel {
         let name = sym
             .as_ref()
             .and_then(|s| s.frames.last())
-            .and_then(|f| f.function.clone())
+            .and_then(|f| f.function.as_deref().map(str::to_owned))
             .unwrap_or_else(|| format!("{addr:#018x}"));
         let object = sym
             .as_ref()
