@@ -18,6 +18,7 @@ use object::{
 };
 
 use crate::dwarf::{DwarfIndex, FrameStyle, Slice};
+use crate::search::Cursor;
 use crate::symtab::{RawSymbol, SymbolTable};
 use crate::Frame;
 
@@ -214,8 +215,8 @@ impl ElfObject {
         threads: usize,
     ) -> Vec<Vec<Frame>> {
         let symtab = &self.symtab;
-        let complete = |link_addr: u64, frames: &mut Vec<Frame>| {
-            complete_from_symbols(symtab, link_addr, frames, demangle)
+        let complete = |link_addr: u64, frames: &mut Vec<Frame>, cursor: &mut Cursor| {
+            complete_from_symbols(symtab, link_addr, frames, demangle, cursor)
         };
         match self.dwarf_index() {
             Some(index) => index.frames_batch(
@@ -227,14 +228,17 @@ impl ElfObject {
                 &complete,
                 threads,
             ),
-            None => link_addrs
-                .iter()
-                .map(|&a| {
-                    let mut frames = Vec::new();
-                    complete(a, &mut frames);
-                    frames
-                })
-                .collect(),
+            None => {
+                let mut cursor = Cursor::default();
+                link_addrs
+                    .iter()
+                    .map(|&a| {
+                        let mut frames = Vec::new();
+                        complete(a, &mut frames, &mut cursor);
+                        frames
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -276,8 +280,9 @@ fn complete_from_symbols(
     link_addr: u64,
     frames: &mut Vec<Frame>,
     demangle: bool,
+    cursor: &mut Cursor,
 ) {
-    let Some(symbol) = symtab.lookup(link_addr) else {
+    let Some(symbol) = symtab.lookup_from(link_addr, cursor) else {
         return;
     };
     match frames.last_mut() {

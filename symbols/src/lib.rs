@@ -30,6 +30,7 @@ mod format;
 mod kallsyms;
 mod kaslr;
 mod reloc;
+mod search;
 mod symtab;
 
 use std::collections::HashMap;
@@ -283,10 +284,18 @@ impl Symbolizer {
     /// Batch lookup, results in input order; addresses may be unsorted. A large batch parses DWARF on several
     /// threads (see [`Self::set_threads`]).
     pub fn symbolize(&self, addrs: &[u64]) -> Vec<Symbolized> {
-        // Look up in address order (line tables and units are then visited sequentially), once per unique address.
-        let mut unique = addrs.to_vec();
-        unique.sort_unstable();
-        unique.dedup();
+        // Each distinct address is looked up once, in address order (tables are then walked forward).
+        let mut order: Vec<(u64, usize)> = addrs.iter().copied().zip(0..).collect();
+        order.sort_unstable();
+        let mut unique: Vec<u64> = Vec::with_capacity(order.len());
+        let mut unique_of = vec![0usize; addrs.len()];
+        for &(addr, position) in &order {
+            if unique.last() != Some(&addr) {
+                unique.push(addr);
+            }
+            unique_of[position] = unique.len() - 1;
+        }
+        drop(order);
         // Per ELF, the (unique index, link-time address) of the addresses it holds, in address order.
         let mut per_elf: Vec<Vec<(usize, u64)>> = vec![Vec::new(); self.elfs.len()];
         let mut answers: Vec<Option<Symbolized>> = vec![None; unique.len()];
@@ -300,13 +309,13 @@ impl Symbolizer {
                 None => answers[i] = Some(self.symbolize_outside_elfs(addr)),
             }
         }
-        for (elf, held) in self.elfs.iter().zip(&per_elf) {
+        for (elf, mut held) in self.elfs.iter().zip(per_elf) {
             if held.is_empty() {
                 continue;
             }
-            // The bias is one constant per ELF, but it may wrap: sort the link-time addresses again.
-            let mut link_addrs: Vec<u64> = held.iter().map(|&(_, a)| a).collect();
-            link_addrs.sort_unstable();
+            // The bias is one constant per ELF, but subtracting it may wrap: keep link-time order.
+            held.sort_unstable_by_key(|&(_, link_addr)| link_addr);
+            let link_addrs: Vec<u64> = held.iter().map(|&(_, a)| a).collect();
             let frames = if self.symbols_only {
                 link_addrs
                     .iter()
@@ -320,39 +329,29 @@ impl Symbolizer {
                     self.threads,
                 )
             };
-            let mut frames: Vec<Option<Vec<Frame>>> = frames.into_iter().map(Some).collect();
-            for &(i, link_addr) in held {
-                let at = link_addrs
-                    .binary_search(&link_addr)
-                    .expect("sorted from these");
+            for ((i, _), frames) in held.into_iter().zip(frames) {
                 answers[i] = Some(Symbolized {
                     addr: unique[i],
-                    frames: frames[at].take().unwrap_or_default(),
+                    frames,
                     object: Some(elf.name.clone()),
                 });
             }
         }
         // Into input order: each answer moves to the last of its address's positions and is cloned for the others.
-        let position = |addr: &u64| {
-            unique
-                .binary_search(addr)
-                .expect("every address is in unique")
-        };
         let mut uses = vec![0u32; unique.len()];
-        for addr in addrs {
-            uses[position(addr)] += 1;
+        for &u in &unique_of {
+            uses[u] += 1;
         }
-        addrs
-            .iter()
-            .map(|addr| {
-                let i = position(addr);
-                uses[i] -= 1;
-                if uses[i] == 0 {
-                    answers[i].take()
+        unique_of
+            .into_iter()
+            .map(|u| {
+                uses[u] -= 1;
+                if uses[u] == 0 {
+                    answers[u].take()
                 } else {
-                    answers[i].clone()
+                    answers[u].clone()
                 }
-                .expect("every unique address answered")
+                .expect("every distinct address answered")
             })
             .collect()
     }

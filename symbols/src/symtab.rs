@@ -75,7 +75,16 @@ impl SymbolTable {
 
     /// The symbol whose extent contains `addr`, if any.
     pub fn lookup(&self, addr: u64) -> Option<&TableSymbol> {
-        let after = self.symbols.partition_point(|s| s.start <= addr);
+        self.lookup_from(addr, &mut crate::search::Cursor::default())
+    }
+
+    /// [`Self::lookup`] for one of a sorted batch of addresses, searching on from where the last one ended.
+    pub fn lookup_from(
+        &self,
+        addr: u64,
+        cursor: &mut crate::search::Cursor,
+    ) -> Option<&TableSymbol> {
+        let after = cursor.partition_point(&self.symbols, |s| s.start <= addr);
         self.symbols[..after]
             .iter()
             .rev()

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use gimli::{AttributeValue, UnitOffset};
 
 use super::{DwarfIndex, Slice};
+use crate::search::Cursor;
 
 /// How many `DW_AT_abstract_origin` / `DW_AT_specification` links a name lookup follows (cycles in bad input).
 const NAME_LINKS: usize = 16;
@@ -69,8 +70,9 @@ pub(crate) struct Functions {
 
 impl Functions {
     /// The function whose code holds `addr`, and its inlined calls holding it, outermost first.
-    pub fn find(&self, addr: u64) -> Option<(&Function, Vec<&Inline>)> {
-        let after = self.ranges.partition_point(|r| r.start <= addr);
+    /// `cursor` carries a sorted batch's position from one address to the next.
+    pub fn find(&self, addr: u64, cursor: &mut Cursor) -> Option<(&Function, Vec<&Inline>)> {
+        let after = cursor.partition_point(&self.ranges, |r| r.start <= addr);
         let range = self.ranges[..after].last().filter(|r| addr < r.end)?;
         let function = &self.functions[range.target as usize];
         let mut ranges =

@@ -6,6 +6,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::Slice;
+use crate::search::Cursor;
+
+/// A sorted batch's position in one line table.
+#[derive(Default)]
+pub(crate) struct LineCursor {
+    sequence: Cursor,
+    /// The sequence (by its index + 1) that `row` is a position in.
+    rows_of: usize,
+    row: Cursor,
+}
 
 /// A row's address is stored relative to its sequence's start; a sequence longer than this is corrupt input.
 const MAX_SEQUENCE_LEN: u64 = u32::MAX as u64;
@@ -149,21 +159,38 @@ impl LineTable {
         self.files.get(usize::try_from(index).ok()?)
     }
 
-    pub fn find(&self, addr: u64) -> Option<RowLocation<'_>> {
-        let after = self.sequences.partition_point(|s| s.start <= addr);
+    /// The row covering `addr`; `cursor` carries a sorted batch's position from one address to the next.
+    /// Discriminators are looked up only when `discriminators` asks for them.
+    pub fn find(
+        &self,
+        addr: u64,
+        cursor: &mut LineCursor,
+        discriminators: bool,
+    ) -> Option<RowLocation<'_>> {
+        let after = cursor
+            .sequence
+            .partition_point(&self.sequences, |s| s.start <= addr);
         let sequence = self.sequences[..after].last().filter(|s| addr < s.end)?;
+        if cursor.rows_of != after {
+            cursor.rows_of = after;
+            cursor.row = Cursor::default();
+        }
         let rows = &self.rows[sequence.first as usize..sequence.last as usize];
         let offset = (addr - sequence.start) as u32;
-        let index = rows
-            .partition_point(|r| r.offset <= offset)
+        let index = cursor
+            .row
+            .partition_point(rows, |r| r.offset <= offset)
             .checked_sub(1)?;
         let row = &rows[index];
         let row_index = sequence.first + index as u32;
-        let discriminator = self
-            .discriminators
-            .binary_search_by_key(&row_index, |&(r, _)| r)
-            .ok()
-            .map(|i| self.discriminators[i].1);
+        let discriminator = match discriminators {
+            true => self
+                .discriminators
+                .binary_search_by_key(&row_index, |&(r, _)| r)
+                .ok()
+                .map(|i| self.discriminators[i].1),
+            false => None,
+        };
         let line = (row.line != 0).then_some(row.line);
         Some(RowLocation {
             file: self.files.get(row.file as usize),

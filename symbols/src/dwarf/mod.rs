@@ -13,9 +13,10 @@ mod lines;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::search::Cursor;
 use crate::Frame;
 use functions::Functions;
-use lines::LineTable;
+use lines::{LineCursor, LineTable};
 
 pub(crate) type Slice = gimli::EndianSlice<'static, gimli::RunTimeEndian>;
 
@@ -27,8 +28,20 @@ const MAX_THREADS: usize = 8;
 const MAX_CANDIDATES: usize = 8;
 
 /// What a batch's caller adds to DWARF's frames for an address (the symbol table's name and offset), on the
-/// thread that found them.
-pub(crate) type Complete<'a> = &'a (dyn Fn(u64, &mut Vec<Frame>) + Sync);
+/// thread that found them, with that thread's position in its own table.
+pub(crate) type Complete<'a> = &'a (dyn Fn(u64, &mut Vec<Frame>, &mut Cursor) + Sync);
+
+/// A sorted batch's positions in the tables it searches, carried from one address to the next.
+#[derive(Default)]
+pub(crate) struct Cursors {
+    ranges: Cursor,
+    /// The unit `lines` and `functions` are positions in.
+    unit: Option<usize>,
+    lines: LineCursor,
+    functions: Cursor,
+    /// For the caller's [`Complete`].
+    symbols: Cursor,
+}
 
 /// How frames are written.
 #[derive(Clone, Copy)]
@@ -178,8 +191,13 @@ impl DwarfIndex {
     }
 
     /// Up to [`MAX_CANDIDATES`] units whose ranges hold `addr`, in range order, into `out`; returns how many.
-    fn units_holding(&self, addr: u64, out: &mut [usize; MAX_CANDIDATES]) -> usize {
-        let after = self.ranges.partition_point(|r| r.start <= addr);
+    fn units_holding(
+        &self,
+        addr: u64,
+        out: &mut [usize; MAX_CANDIDATES],
+        cursor: &mut Cursor,
+    ) -> usize {
+        let after = cursor.partition_point(&self.ranges, |r| r.start <= addr);
         let mut count = 0;
         for range in self.ranges[..after].iter().rev() {
             if range.max_end <= addr || count == MAX_CANDIDATES {
@@ -228,14 +246,19 @@ impl DwarfIndex {
             .clone()
     }
 
-    /// Frames, innermost first, for one address; empty when no unit knows it.
-    pub fn frames(&self, addr: u64, style: FrameStyle) -> Vec<Frame> {
+    /// Frames, innermost first, for one address of a sorted batch; empty when no unit knows it.
+    fn frames(&self, addr: u64, style: FrameStyle, cursors: &mut Cursors) -> Vec<Frame> {
         let mut candidates = [0; MAX_CANDIDATES];
-        let count = self.units_holding(addr, &mut candidates);
+        let count = self.units_holding(addr, &mut candidates, &mut cursors.ranges);
         for &unit in &candidates[..count] {
+            if cursors.unit != Some(unit) {
+                cursors.unit = Some(unit);
+                cursors.lines = LineCursor::default();
+                cursors.functions = Cursor::default();
+            }
             match self.parsed(unit) {
                 Ok(parsed) => {
-                    if let Some(frames) = frames_in(parsed, addr, style) {
+                    if let Some(frames) = frames_in(parsed, addr, style, cursors) {
                         return frames;
                     }
                 }
@@ -257,20 +280,22 @@ impl DwarfIndex {
         complete: Complete<'_>,
         threads: usize,
     ) -> Vec<Vec<Frame>> {
-        let answer = |addr: u64| {
-            let mut frames = self.frames(addr, style);
-            complete(addr, &mut frames);
+        let answer = |addr: u64, cursors: &mut Cursors| {
+            let mut frames = self.frames(addr, style, cursors);
+            complete(addr, &mut frames, &mut cursors.symbols);
             frames
         };
         let threads = threads.clamp(1, MAX_THREADS);
         if threads == 1 || addrs.len() < PARALLEL_MIN_ADDRESSES {
-            return addrs.iter().map(|&a| answer(a)).collect();
+            let mut cursors = Cursors::default();
+            return addrs.iter().map(|&a| answer(a, &mut cursors)).collect();
         }
         // Runs of addresses that share their first unit, in address order: one job each.
         let mut jobs: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut ranges = Cursor::default();
         for (i, &addr) in addrs.iter().enumerate() {
             let mut candidates = [0; MAX_CANDIDATES];
-            let unit = match self.units_holding(addr, &mut candidates) {
+            let unit = match self.units_holding(addr, &mut candidates, &mut ranges) {
                 0 => usize::MAX,
                 _ => candidates[0],
             };
@@ -282,11 +307,14 @@ impl DwarfIndex {
         let next_job = AtomicUsize::new(0);
         let work = || {
             let mut done = Vec::new();
+            let mut cursors = Cursors::default();
             loop {
                 let j = next_job.fetch_add(1, Ordering::Relaxed);
                 let Some((_, run)) = jobs.get(j) else { break };
-                let frames: Vec<Vec<Frame>> =
-                    addrs[run.clone()].iter().map(|&a| answer(a)).collect();
+                let frames: Vec<Vec<Frame>> = addrs[run.clone()]
+                    .iter()
+                    .map(|&a| answer(a, &mut cursors))
+                    .collect();
                 done.push((run.start, frames));
             }
             done
@@ -314,8 +342,15 @@ impl DwarfIndex {
 }
 
 /// The frames for `addr` from one unit, or `None` when the unit has neither a function nor a line row there.
-fn frames_in(unit: &ParsedUnit, addr: u64, style: FrameStyle) -> Option<Vec<Frame>> {
-    let row = unit.lines.find(addr);
+fn frames_in(
+    unit: &ParsedUnit,
+    addr: u64,
+    style: FrameStyle,
+    cursors: &mut Cursors,
+) -> Option<Vec<Frame>> {
+    let row = unit
+        .lines
+        .find(addr, &mut cursors.lines, style.discriminators);
     let language = unit.functions.language;
     let discriminator_of = |row: &lines::RowLocation<'_>| {
         row.discriminator
@@ -330,7 +365,7 @@ fn frames_in(unit: &ParsedUnit, addr: u64, style: FrameStyle) -> Option<Vec<Fram
         discriminator,
         inlined,
     };
-    let Some((function, inlines)) = unit.functions.find(addr) else {
+    let Some((function, inlines)) = unit.functions.find(addr, &mut cursors.functions) else {
         let row = row?;
         return Some(vec![frame(
             None,
