@@ -516,7 +516,7 @@ fn read_symbols(obj: &object::File<'_>, placement: Option<&[Option<u64>]>) -> Sy
             start: base.wrapping_add(sym.address()),
             size: sym.size(),
             limit,
-            name: name.to_owned(),
+            name: Arc::from(name),
             rank: rank + u8::from(sym.is_global()),
             object: None,
         });

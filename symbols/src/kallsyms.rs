@@ -220,7 +220,7 @@ pub(crate) fn build_table(
                 start: entry.address,
                 size: 0,
                 limit,
-                name: entry.name.clone(),
+                name: std::sync::Arc::from(entry.name.as_str()),
                 rank: u8::from(entry.kind.is_ascii_uppercase())
                     + 2 * u8::from(matches!(entry.kind, 'T' | 't')),
                 object: Some(object),

@@ -23,7 +23,7 @@ pub(crate) struct RawSymbol {
     pub size: u64,
     /// Exclusive address the symbol may not extend past (end of its section / module / text).
     pub limit: u64,
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// Ranks duplicates at one address: higher wins (e.g. a sized function over an asm label).
     pub rank: u8,
     pub object: Option<u32>,
@@ -40,7 +40,8 @@ impl SymbolTable {
         // preferred name and dedup keeps it. Among aliases of equal rank, perf's choice: fewer leading underscores
         // (`startup_64` over `_stext`), then the longer name, so reports name a spot the way perf does.
         let underscores = |name: &str| name.bytes().take_while(|&b| b == b'_').count();
-        raw.sort_by(|a, b| {
+        // A total order (object last), so an unstable sort is deterministic.
+        raw.sort_unstable_by(|a, b| {
             a.start
                 .cmp(&b.start)
                 .then(b.rank.cmp(&a.rank))
@@ -48,6 +49,7 @@ impl SymbolTable {
                 .then(underscores(&a.name).cmp(&underscores(&b.name)))
                 .then(b.name.len().cmp(&a.name.len()))
                 .then(a.name.cmp(&b.name))
+                .then(a.object.cmp(&b.object))
         });
         raw.dedup_by(|later, first| later.start == first.start);
         let mut symbols = Vec::with_capacity(raw.len());
@@ -65,8 +67,7 @@ impl SymbolTable {
             symbols.push(TableSymbol {
                 start: sym.start,
                 end,
-                // Moved, not cloned: `raw` is dropped next and only starts are read from it after this point.
-                name: std::sync::Arc::from(std::mem::take(&mut sym.name)),
+                name: sym.name.clone(),
                 object: sym.object,
             });
         }

@@ -6,12 +6,12 @@
 //! its linkage name, else its name, else its abstract origin's or specification's; the inline chain at an address is
 //! found depth by depth among the function's `DW_TAG_inlined_subroutine` ranges.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use gimli::{AttributeValue, UnitOffset};
 
-use super::{DwarfIndex, Slice};
+use super::die::{DieReader, Value};
+use super::{DwarfIndex, OffsetMap, Slice};
 use crate::search::Cursor;
 
 /// How many `DW_AT_abstract_origin` / `DW_AT_specification` links a name lookup follows (cycles in bad input).
@@ -131,7 +131,7 @@ pub(crate) fn parse(
         index,
         unit,
         out: Functions::default(),
-        names: HashMap::new(),
+        names: OffsetMap::default(),
         ranges_scratch: Vec::new(),
     };
     walk.run()?;
@@ -145,16 +145,13 @@ struct Walk<'a, 'u> {
     unit: gimli::UnitRef<'u, Slice>,
     out: Functions,
     /// Names already resolved, by the DIE (unit offset, or `.debug_info` offset for other units) they came from.
-    names: HashMap<(bool, usize), Option<Arc<str>>>,
+    names: OffsetMap<(bool, usize), Option<Arc<str>>>,
     ranges_scratch: Vec<(u64, u64)>,
 }
 
 impl Walk<'_, '_> {
     fn run(&mut self) -> Result<(), gimli::Error> {
-        let unit = self.unit;
-        let mut entries = unit.entries_raw(None)?;
-        // `entries` counts depth from where it was created; after a jump it restarts at 0.
-        let mut base_depth: isize = 0;
+        let mut entries = DieReader::new(self.unit.unit)?;
         let mut scopes: Vec<(isize, Scope)> = Vec::new();
         // Inside a skipped subtree that has no DW_AT_sibling: its depth.
         let mut skipping_below: Option<isize> = None;
@@ -162,13 +159,13 @@ impl Walk<'_, '_> {
         // in another has its own; the outer one's continue after it).
         let mut open: Vec<(u32, Vec<AddressRange>)> = Vec::new();
         while !entries.is_empty() {
-            let depth = base_depth + entries.next_depth();
-            let Some(abbrev) = entries.read_abbreviation()? else {
+            let depth = entries.depth();
+            let Some((code, abbrev)) = entries.next_abbreviation()? else {
                 continue;
             };
             if let Some(limit) = skipping_below {
                 if depth > limit {
-                    entries.skip_attributes(abbrev.attributes())?;
+                    entries.skip_all(code, abbrev)?;
                     continue;
                 }
                 skipping_below = None;
@@ -184,26 +181,15 @@ impl Walk<'_, '_> {
             }
             let tag = abbrev.tag();
             let children = abbrev.has_children();
-            let inline_depth = scopes
-                .iter()
-                .rev()
-                .take_while(|(_, s)| !matches!(s, Scope::Function))
-                .filter(|(_, s)| matches!(s, Scope::Inline))
-                .count();
             match tag {
                 gimli::DW_TAG_subprogram
                 | gimli::DW_TAG_inlined_subroutine
                 | gimli::DW_TAG_compile_unit
                 | gimli::DW_TAG_partial_unit => {
                     let mut attrs = Attributes::default();
-                    for spec in abbrev.attributes() {
-                        if wanted(spec.name()) {
-                            let attr = entries.read_attribute(*spec)?;
-                            self.note_attribute(&mut attrs, attr)?;
-                        } else {
-                            entries.skip_attributes(std::slice::from_ref(spec))?;
-                        }
-                    }
+                    entries.read(abbrev, wanted, |name, value| {
+                        self.note_attribute(&mut attrs, name, value)
+                    })?;
                     if matches!(tag, gimli::DW_TAG_compile_unit | gimli::DW_TAG_partial_unit) {
                         self.out.language = attrs.language;
                         if children {
@@ -215,14 +201,8 @@ impl Walk<'_, '_> {
                     if tag == gimli::DW_TAG_subprogram {
                         if self.ranges_scratch.is_empty() {
                             // A declaration or an abstract instance: no code, nothing inside can have any.
-                            if children {
-                                match jump(unit, attrs.sibling, entries.next_offset()) {
-                                    Some(at_sibling) => {
-                                        entries = at_sibling;
-                                        base_depth = depth;
-                                    }
-                                    None => skipping_below = Some(depth),
-                                }
+                            if children && !attrs.sibling.is_some_and(|s| entries.jump(s, depth)) {
+                                skipping_below = Some(depth);
                             }
                             continue;
                         }
@@ -245,6 +225,12 @@ impl Walk<'_, '_> {
                             open.push((function, Vec::new()));
                         }
                     } else if let Some((_, inline_ranges)) = open.last_mut() {
+                        let inline_depth = scopes
+                            .iter()
+                            .rev()
+                            .take_while(|(_, s)| !matches!(s, Scope::Function))
+                            .filter(|(_, s)| matches!(s, Scope::Inline))
+                            .count();
                         let inline = self.out.inlines.len() as u32;
                         let name = self.name(&attrs)?;
                         self.out.inlines.push(Inline {
@@ -271,27 +257,22 @@ impl Walk<'_, '_> {
                 }
                 _ if children && holds_no_code(tag) => {
                     let mut sibling = None;
-                    for spec in abbrev.attributes() {
-                        if spec.name() == gimli::DW_AT_sibling {
-                            if let AttributeValue::UnitRef(offset) =
-                                entries.read_attribute(*spec)?.value()
-                            {
+                    entries.read(
+                        abbrev,
+                        |name| name == gimli::DW_AT_sibling,
+                        |_, value| {
+                            if let Value::UnitRef(offset) = value {
                                 sibling = Some(offset);
                             }
-                        } else {
-                            entries.skip_attributes(std::slice::from_ref(spec))?;
-                        }
-                    }
-                    match jump(unit, sibling, entries.next_offset()) {
-                        Some(at_sibling) => {
-                            entries = at_sibling;
-                            base_depth = depth;
-                        }
-                        None => skipping_below = Some(depth),
+                            Ok(())
+                        },
+                    )?;
+                    if !sibling.is_some_and(|s| entries.jump(s, depth)) {
+                        skipping_below = Some(depth);
                     }
                 }
                 _ => {
-                    entries.skip_attributes(abbrev.attributes())?;
+                    entries.skip_all(code, abbrev)?;
                     if children {
                         scopes.push((depth, Scope::Transparent));
                     }
@@ -319,40 +300,58 @@ impl Walk<'_, '_> {
     fn note_attribute(
         &self,
         attrs: &mut Attributes,
-        attr: gimli::Attribute<Slice>,
+        name: gimli::DwAt,
+        value: Value,
     ) -> Result<(), gimli::Error> {
         let unit = self.unit;
-        match (attr.name(), attr.value()) {
-            (gimli::DW_AT_low_pc, AttributeValue::Addr(a)) => attrs.low_pc = Some(a),
-            (gimli::DW_AT_low_pc, AttributeValue::DebugAddrIndex(i)) => {
-                attrs.low_pc = Some(unit.address(i)?)
+        match (name, value) {
+            (gimli::DW_AT_low_pc, Value::Address(a)) => attrs.low_pc = Some(a),
+            (gimli::DW_AT_low_pc, Value::AddressIndex(i)) => {
+                attrs.low_pc = Some(unit.address(gimli::DebugAddrIndex(i as usize))?)
             }
-            (gimli::DW_AT_high_pc, AttributeValue::Addr(a)) => attrs.high_pc = Some(a),
-            (gimli::DW_AT_high_pc, AttributeValue::DebugAddrIndex(i)) => {
-                attrs.high_pc = Some(unit.address(i)?)
+            (gimli::DW_AT_high_pc, Value::Address(a)) => attrs.high_pc = Some(a),
+            (gimli::DW_AT_high_pc, Value::AddressIndex(i)) => {
+                attrs.high_pc = Some(unit.address(gimli::DebugAddrIndex(i as usize))?)
             }
-            (gimli::DW_AT_high_pc, AttributeValue::Udata(size)) => attrs.size = Some(size),
-            (gimli::DW_AT_ranges, value) => attrs.ranges = unit.attr_ranges_offset(value)?,
-            (gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name, value) => {
-                attrs.linkage_name = Some(value)
+            (gimli::DW_AT_high_pc, value) => attrs.size = value.unsigned(),
+            (gimli::DW_AT_ranges, Value::SecOffset(offset)) => {
+                attrs.ranges = unit.attr_ranges_offset(AttributeValue::RangeListsRef(
+                    gimli::RawRangeListsOffset(offset as usize),
+                ))?
             }
-            (gimli::DW_AT_name, value) => attrs.name = Some(value),
-            (gimli::DW_AT_sibling, AttributeValue::UnitRef(offset)) => attrs.sibling = Some(offset),
-            (gimli::DW_AT_abstract_origin | gimli::DW_AT_specification, value) => {
-                attrs.origin = Some(value)
+            (gimli::DW_AT_ranges, Value::RangeListIndex(index)) => {
+                attrs.ranges = unit.attr_ranges_offset(AttributeValue::DebugRngListsIndex(
+                    gimli::DebugRngListsIndex(index as usize),
+                ))?
+            }
+            (gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name, Value::Str(s)) => {
+                attrs.linkage_name = Some(s)
+            }
+            (gimli::DW_AT_name, Value::Str(s)) => attrs.name = Some(s),
+            (gimli::DW_AT_sibling, Value::UnitRef(offset)) => attrs.sibling = Some(offset),
+            (gimli::DW_AT_abstract_origin | gimli::DW_AT_specification, Value::UnitRef(o)) => {
+                attrs.origin = Some(AttributeValue::UnitRef(o))
+            }
+            (gimli::DW_AT_abstract_origin | gimli::DW_AT_specification, Value::InfoRef(o)) => {
+                attrs.origin = Some(AttributeValue::DebugInfoRef(o))
             }
             // DWARF 5 numbers files from 0, so 0 is a file there; before, it meant none.
-            (gimli::DW_AT_call_file, AttributeValue::FileIndex(file))
-                if file > 0 || unit.header.version() >= 5 =>
-            {
-                attrs.call_file = Some(file);
+            (gimli::DW_AT_call_file, value) => {
+                attrs.call_file = value
+                    .unsigned()
+                    .filter(|&file| file > 0 || unit.header.version() >= 5)
             }
-            (gimli::DW_AT_call_line, _) => attrs.call_line = attr.udata_value().unwrap_or(0) as u32,
-            (gimli::DW_AT_call_column, _) => {
-                attrs.call_column = attr.udata_value().unwrap_or(0) as u32
+            (gimli::DW_AT_call_line, value) => {
+                attrs.call_line = value.unsigned().unwrap_or(0) as u32
             }
-            (gimli::DW_AT_language, AttributeValue::Language(language)) => {
-                attrs.language = Some(language)
+            (gimli::DW_AT_call_column, value) => {
+                attrs.call_column = value.unsigned().unwrap_or(0) as u32
+            }
+            (gimli::DW_AT_language, value) => {
+                attrs.language = value
+                    .unsigned()
+                    .and_then(|l| u16::try_from(l).ok())
+                    .map(gimli::DwLang)
             }
             _ => {}
         }
@@ -464,16 +463,6 @@ fn wanted(name: gimli::DwAt) -> bool {
             | gimli::DW_AT_language
             | gimli::DW_AT_sibling
     )
-}
-
-/// A reader at the next sibling, when the DIE named one ahead of where reading is: only forward jumps, so bad
-/// input cannot loop.
-fn jump<'u>(
-    unit: gimli::UnitRef<'u, Slice>,
-    sibling: Option<UnitOffset>,
-    next: UnitOffset,
-) -> Option<gimli::EntriesRaw<'u, Slice>> {
-    unit.entries_raw(Some(sibling.filter(|&s| s > next)?)).ok()
 }
 
 type NameAttributes = (Option<Slice>, Option<Slice>, Option<AttributeValue<Slice>>);

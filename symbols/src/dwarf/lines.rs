@@ -2,10 +2,10 @@
 //! aside (almost all rows have none). Row choice is addr2line's (and llvm-symbolizer's): within a sequence the
 //! last row at or below the address, and among rows at one address the last one.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::Slice;
+use super::line_program::{self, Outcome, ProgramRow};
+use super::{OffsetMap, Slice};
 use crate::search::Cursor;
 
 /// A sorted batch's position in one line table.
@@ -62,75 +62,91 @@ impl LineTable {
             return Ok(Self::default());
         };
         let mut table = LineTable::default();
-        let mut rows = program.rows();
+        // About one row per four bytes of line program in GCC's output: one allocation, not a dozen regrowths.
+        table
+            .rows
+            .reserve(program.header().raw_program_buf().len() / 4);
         // The sequence being read: its start and its first row's index.
         let mut open: Option<(u64, u32)> = None;
-        while let Some((_, row)) = rows.next_row()? {
-            if row.end_sequence() {
-                if let Some((start, first)) = open.take() {
-                    table.close_sequence(start, first, row.address());
-                }
-                continue;
-            }
-            let address = row.address();
-            let (start, first) = *open.get_or_insert((address, table.rows.len() as u32));
-            // Rows must not go backwards in a sequence, nor a sequence run past what a row offset can hold.
-            let Some(offset) = address
-                .checked_sub(start)
-                .filter(|&o| o <= MAX_SEQUENCE_LEN)
-            else {
-                continue;
-            };
-            let offset = offset as u32;
-            let line = row.line().map_or(0, |l| l.get() as u32);
-            let column = match row.column() {
-                gimli::ColumnType::LeftEdge => 0,
-                gimli::ColumnType::Column(c) => c.get() as u32,
-            };
-            let file = u32::try_from(row.file_index()).unwrap_or(u32::MAX);
-            let discriminator = u32::try_from(row.discriminator()).unwrap_or(u32::MAX);
-            let in_sequence = table.rows.len() as u32 > first;
-            let index = match table.rows.last_mut() {
-                Some(last) if in_sequence && last.offset == offset => {
-                    *last = Row {
-                        offset,
-                        line,
-                        file,
-                        column,
+        let outcome = line_program::run(program.header(), |row| table.add_row(row, &mut open))?;
+        table.files = match outcome {
+            Outcome::Done => render_files(unit, program.header(), paths)?,
+            Outcome::Unsupported => {
+                table.rows.clear();
+                table.sequences.clear();
+                table.discriminators.clear();
+                open = None;
+                let mut rows = program.rows();
+                while let Some((_, row)) = rows.next_row()? {
+                    let row = ProgramRow {
+                        address: row.address(),
+                        file: row.file_index(),
+                        line: row.line().map_or(0, |l| l.get()),
+                        column: match row.column() {
+                            gimli::ColumnType::LeftEdge => 0,
+                            gimli::ColumnType::Column(c) => c.get(),
+                        },
+                        discriminator: row.discriminator(),
+                        end_sequence: row.end_sequence(),
                     };
-                    let index = table.rows.len() as u32 - 1;
-                    if table
-                        .discriminators
-                        .last()
-                        .is_some_and(|&(r, _)| r == index)
-                    {
-                        table.discriminators.pop();
-                    }
-                    index
+                    table.add_row(&row, &mut open);
                 }
-                _ => {
-                    table.rows.push(Row {
-                        offset,
-                        line,
-                        file,
-                        column,
-                    });
-                    table.rows.len() as u32 - 1
-                }
-            };
-            if discriminator != 0 {
-                table.discriminators.push((index, discriminator));
+                // Files defined by the program itself (DW_LNE_define_file) are in this header only.
+                render_files(unit, rows.header(), paths)?
             }
-        }
+        };
         // A program that ends without end_sequence leaves its last sequence open: addr2line drops it too.
         if let Some((_, first)) = open {
             table.drop_rows_from(first);
         }
         table.sequences.sort_unstable_by_key(|s| s.start);
-        table.files = render_files(unit, rows.header(), paths)?;
         table.rows.shrink_to_fit();
         table.discriminators.shrink_to_fit();
         Ok(table)
+    }
+
+    /// One row of the program, into the sequence `open` is reading (opened by it, closed by an end row).
+    fn add_row(&mut self, row: &ProgramRow, open: &mut Option<(u64, u32)>) {
+        if row.end_sequence {
+            if let Some((start, first)) = open.take() {
+                self.close_sequence(start, first, row.address);
+            }
+            return;
+        }
+        let address = row.address;
+        let (start, first) = *open.get_or_insert((address, self.rows.len() as u32));
+        // Rows must not go backwards in a sequence, nor a sequence run past what a row offset can hold.
+        let Some(offset) = address
+            .checked_sub(start)
+            .filter(|&o| o <= MAX_SEQUENCE_LEN)
+        else {
+            return;
+        };
+        let new = Row {
+            offset: offset as u32,
+            line: row.line as u32,
+            file: u32::try_from(row.file).unwrap_or(u32::MAX),
+            column: row.column as u32,
+        };
+        let discriminator = u32::try_from(row.discriminator).unwrap_or(u32::MAX);
+        let in_sequence = self.rows.len() as u32 > first;
+        let index = match self.rows.last_mut() {
+            Some(last) if in_sequence && last.offset == new.offset => {
+                *last = new;
+                let index = self.rows.len() as u32 - 1;
+                if self.discriminators.last().is_some_and(|&(r, _)| r == index) {
+                    self.discriminators.pop();
+                }
+                index
+            }
+            _ => {
+                self.rows.push(new);
+                self.rows.len() as u32 - 1
+            }
+        };
+        if discriminator != 0 {
+            self.discriminators.push((index, discriminator));
+        }
     }
 
     fn close_sequence(&mut self, start: u64, first: u32, end: u64) {
@@ -249,7 +265,7 @@ fn render_files(
 /// Rendered file paths shared by all units, keyed by where their parts lie in the mapped sections: the same
 /// bytes at the same place render the same path.
 #[derive(Default)]
-pub(crate) struct PathCache(Mutex<HashMap<PathKey, Arc<str>>>);
+pub(crate) struct PathCache(Mutex<OffsetMap<PathKey, Arc<str>>>);
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct PathKey([(usize, usize); 3]);
