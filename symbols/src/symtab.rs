@@ -42,14 +42,15 @@ impl SymbolTable {
         let underscores = |name: &str| name.bytes().take_while(|&b| b == b'_').count();
         // A total order (object last), so an unstable sort is deterministic.
         raw.sort_unstable_by(|a, b| {
+            // Lazily: most comparisons are settled by the address.
             a.start
                 .cmp(&b.start)
-                .then(b.rank.cmp(&a.rank))
-                .then(b.size.cmp(&a.size))
-                .then(underscores(&a.name).cmp(&underscores(&b.name)))
-                .then(b.name.len().cmp(&a.name.len()))
-                .then(a.name.cmp(&b.name))
-                .then(a.object.cmp(&b.object))
+                .then_with(|| b.rank.cmp(&a.rank))
+                .then_with(|| b.size.cmp(&a.size))
+                .then_with(|| underscores(&a.name).cmp(&underscores(&b.name)))
+                .then_with(|| b.name.len().cmp(&a.name.len()))
+                .then_with(|| a.name.cmp(&b.name))
+                .then_with(|| a.object.cmp(&b.object))
         });
         raw.dedup_by(|later, first| later.start == first.start);
         let mut symbols = Vec::with_capacity(raw.len());

@@ -71,6 +71,16 @@ impl<'a> DieReader<'a> {
         })
     }
 
+    /// A reader at the DIE at `offset` (for reading that one DIE).
+    pub fn at(unit: &'a gimli::Unit<Slice>, offset: UnitOffset) -> Result<Self, gimli::Error> {
+        let mut reader = Self::new(unit)?;
+        match offset.0.checked_sub(reader.base) {
+            Some(pos) if pos < reader.bytes.len() => reader.pos = pos,
+            _ => return Err(gimli::Error::OffsetOutOfBounds(offset.0 as u64)),
+        }
+        Ok(reader)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pos >= self.bytes.len()
     }

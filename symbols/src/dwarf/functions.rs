@@ -472,28 +472,50 @@ fn read_name_attributes(
     unit: gimli::UnitRef<'_, Slice>,
     offset: UnitOffset,
 ) -> Result<NameAttributes, gimli::Error> {
-    let mut entries = unit.entries_raw(Some(offset))?;
-    let abbrev = entries
-        .read_abbreviation()?
+    let mut entries = DieReader::at(unit.unit, offset)?;
+    let (_, abbrev) = entries
+        .next_abbreviation()?
         .ok_or(gimli::Error::NoEntryAtGivenOffset(offset.0 as u64))?;
     let (mut linkage_name, mut name, mut next) = (None, None, None);
-    for spec in abbrev.attributes() {
-        let attr = entries.read_attribute(*spec)?;
-        match attr.name() {
-            gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name => {
-                if let Ok(s) = unit.attr_string(attr.value()) {
-                    linkage_name = Some(s);
+    let string = |value| match value {
+        Value::Str(s) => unit.attr_string(s).ok(),
+        _ => None,
+    };
+    entries.read(
+        abbrev,
+        |at| {
+            matches!(
+                at,
+                gimli::DW_AT_linkage_name
+                    | gimli::DW_AT_MIPS_linkage_name
+                    | gimli::DW_AT_name
+                    | gimli::DW_AT_abstract_origin
+                    | gimli::DW_AT_specification
+            )
+        },
+        |at, value| {
+            match at {
+                gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name => {
+                    if let Some(s) = string(value) {
+                        linkage_name = Some(s);
+                    }
+                }
+                gimli::DW_AT_name => {
+                    if let Some(s) = string(value) {
+                        name = Some(s);
+                    }
+                }
+                _ => {
+                    next = match value {
+                        Value::UnitRef(o) => Some(AttributeValue::UnitRef(o)),
+                        Value::InfoRef(o) => Some(AttributeValue::DebugInfoRef(o)),
+                        _ => None,
+                    }
                 }
             }
-            gimli::DW_AT_name => {
-                if let Ok(s) = unit.attr_string(attr.value()) {
-                    name = Some(s);
-                }
-            }
-            gimli::DW_AT_abstract_origin | gimli::DW_AT_specification => next = Some(attr.value()),
-            _ => {}
-        }
-    }
+            Ok(())
+        },
+    )?;
     Ok((linkage_name, name, next))
 }
 
