@@ -9,6 +9,9 @@
 # "ours" finds what blazesym finds (function, file:line, inline frames); "ours-discriminators" adds the line-table
 # discriminators binutils prints, as `perf-kvm symbolize` does.
 # Goals (issue #5): cold >= 2x blazesym, warm >= 3x blazesym, peak RSS <= blazesym's.
+# symbols/ parses a large batch's units on every CPU the process may use (blazesym on one): the cold rows also show
+# CPU seconds over all threads, and their ratio, so the gain that is not parallelism is visible too. The ratios need
+# an otherwise idle machine: on a busy one, ours gets fewer CPUs than it has threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 elf="${1:-}"
@@ -59,7 +62,8 @@ def stat(rows, key):
     return (statistics.median(values), min(values), max(values)) if values else None
 tools = {t: runs(t) for t in ("ours", "ours-discriminators", "blazesym", "addr2line")}
 ours = {k: stat(tools["ours"], k) for k in ("cold_s", "warm_s", "hwm_kb")}
-print(f"{'tool':<19} {'phase':<5} {'seconds':>22} {'addresses/s':>12} {'peak RSS MB':>18} {'time/ours':>10}")
+print(f"nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
+print(f"{'tool':<19} {'phase':<5} {'seconds':>22} {'addresses/s':>12} {'peak RSS MB':>18} {'time/ours':>10} {'CPU s':>6}")
 for tool, rows in tools.items():
     if not rows:
         continue
@@ -69,13 +73,17 @@ for tool, rows in tools.items():
         if s is None:
             continue
         rss_text = f"{rss[0] / 1024:.0f} [{rss[1] / 1024:.0f}-{rss[2] / 1024:.0f}]"
+        cpu = stat(rows, "cold_cpu_s") if phase == "cold_s" else None
+        cpu_text = f"{cpu[0]:6.3f}" if cpu else ""
         print(f"{tool:<19} {phase[:-2]:<5} {s[0]:8.3f} [{s[1]:.3f}-{s[2]:.3f}] {count / s[0]:12.0f} "
-              f"{rss_text:>18} {s[0] / ours[phase][0]:10.2f}")
+              f"{rss_text:>18} {s[0] / ours[phase][0]:10.2f} {cpu_text}")
 # Ratios within each run (same load), then their median: what the goals are about.
 pairs = list(zip(tools["ours"], tools["blazesym"]))
 for phase, goal in (("cold_s", 2), ("warm_s", 3)):
     ratios = sorted(float(b[phase]) / float(o[phase]) for o, b in pairs)
     print(f"blazesym/ours {phase[:-2]}: median {statistics.median(ratios):.2f}x, runs {', '.join(f'{r:.2f}' for r in ratios)} (goal >= {goal}x)")
+cpu = sorted(float(b["cold_cpu_s"]) / float(o["cold_cpu_s"]) for o, b in pairs)
+print(f"blazesym/ours cold CPU seconds: median {statistics.median(cpu):.2f}x, runs {', '.join(f'{r:.2f}' for r in cpu)}")
 rss = sorted(float(o["hwm_kb"]) / float(b["hwm_kb"]) for o, b in pairs)
 print(f"ours/blazesym peak RSS: median {statistics.median(rss):.2f}, runs {', '.join(f'{r:.2f}' for r in rss)} (goal <= 1)")
 PY

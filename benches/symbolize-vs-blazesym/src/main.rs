@@ -57,7 +57,7 @@ fn run(tool: &str, elf: &Path, addrs_path: &Path, options: &[String]) -> Result<
             other => bail!("unknown option {other:?}"),
         }
     }
-    let (cold, warm, answers, (anon_kb, file_kb)) = match tool {
+    let (cold, cold_cpu, warm, answers, (anon_kb, file_kb)) = match tool {
         "ours" => time_ours(elf, &addrs, warm_reps, false)?,
         "ours-discriminators" => time_ours(elf, &addrs, warm_reps, true)?,
         "blazesym" => time_blazesym(elf, &addrs, warm_reps)?,
@@ -67,8 +67,8 @@ fn run(tool: &str, elf: &Path, addrs_path: &Path, options: &[String]) -> Result<
     let warm_min = warm.iter().copied().fold(f64::INFINITY, f64::min);
     let warm_max = warm.iter().copied().fold(0.0, f64::max);
     println!(
-        "tool={tool} addrs={} cold_s={cold:.4} warm_s={warm_min:.4} warm_max_s={warm_max:.4} hwm_kb={hwm_kb} \
-         anon_kb={anon_kb} file_kb={file_kb}",
+        "tool={tool} addrs={} cold_s={cold:.4} cold_cpu_s={cold_cpu:.4} warm_s={warm_min:.4} \
+         warm_max_s={warm_max:.4} hwm_kb={hwm_kb} anon_kb={anon_kb} file_kb={file_kb}",
         addrs.len()
     );
     if let Some(path) = answers_path {
@@ -85,9 +85,21 @@ fn run(tool: &str, elf: &Path, addrs_path: &Path, options: &[String]) -> Result<
     Ok(())
 }
 
-/// Cold seconds, warm seconds per repetition, the cold run's answers, and (heap, mapped file) RSS in kB with the
-/// symbolizer still alive.
-type Timings = (f64, Vec<f64>, Vec<Answer>, (u64, u64));
+/// Cold seconds (wall, then CPU over all threads), warm seconds per repetition, the cold run's answers, and
+/// (heap, mapped file) RSS in kB with the symbolizer still alive.
+type Timings = (f64, f64, Vec<f64>, Vec<Answer>, (u64, u64));
+
+/// CPU seconds this process has used so far, user and system, all threads.
+fn cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a whole rusage into the buffer we own; RUSAGE_SELF cannot fail.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
 
 fn rss_now() -> Result<(u64, u64)> {
     Ok((status_kb("RssAnon")?, status_kb("RssFile")?))
@@ -95,12 +107,12 @@ fn rss_now() -> Result<(u64, u64)> {
 
 /// `discriminators`: also find each address's line-table discriminator, as binutils prints and blazesym does not.
 fn time_ours(elf: &Path, addrs: &[u64], warm_reps: usize, discriminators: bool) -> Result<Timings> {
-    let start = Instant::now();
+    let (start, cpu_start) = (Instant::now(), cpu_seconds());
     let mut symbolizer = symbols::Symbolizer::new();
     symbolizer.set_discriminators(discriminators);
     symbolizer.add_elf(elf, 0)?;
     let results = symbolizer.symbolize(addrs);
-    let cold = start.elapsed().as_secs_f64();
+    let (cold, cold_cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu_start);
     let mut warm = Vec::new();
     for _ in 0..warm_reps {
         let start = Instant::now();
@@ -122,20 +134,20 @@ fn time_ours(elf: &Path, addrs: &[u64], warm_reps: usize, discriminators: bool) 
                 .collect()
         })
         .collect();
-    Ok((cold, warm, answers, rss_now()?))
+    Ok((cold, cold_cpu, warm, answers, rss_now()?))
 }
 
 fn time_blazesym(elf: &Path, addrs: &[u64], warm_reps: usize) -> Result<Timings> {
     use blazesym::symbolize::source::{Elf, Source};
     use blazesym::symbolize::{Input, Symbolized, Symbolizer};
-    let start = Instant::now();
+    let (start, cpu_start) = (Instant::now(), cpu_seconds());
     let symbolizer = Symbolizer::builder()
         .enable_code_info(true)
         .enable_inlined_fns(true)
         .build();
     let source = Source::Elf(Elf::new(elf));
     let results = symbolizer.symbolize(&source, Input::VirtOffset(addrs))?;
-    let cold = start.elapsed().as_secs_f64();
+    let (cold, cold_cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu_start);
     let mut warm = Vec::new();
     for _ in 0..warm_reps {
         let start = Instant::now();
@@ -164,7 +176,7 @@ fn time_blazesym(elf: &Path, addrs: &[u64], warm_reps: usize) -> Result<Timings>
             Symbolized::Unknown(_) => Vec::new(),
         })
         .collect();
-    Ok((cold, warm, answers, rss_now()?))
+    Ok((cold, cold_cpu, warm, answers, rss_now()?))
 }
 
 /// A `/proc/self/status` memory figure (VmHWM = peak RSS; RssAnon, RssFile = heap and mapped file now).

@@ -69,15 +69,15 @@ pub(crate) struct Functions {
 }
 
 impl Functions {
-    /// The function whose code holds `addr`, and its inlined calls holding it, outermost first.
-    /// `cursor` carries a sorted batch's position from one address to the next.
-    pub fn find(&self, addr: u64, cursor: &mut Cursor) -> Option<(&Function, Vec<&Inline>)> {
+    /// The function whose code holds `addr`, with its inlined calls holding it, outermost first, into `chain`
+    /// (indexes for [`Self::inline`]). `cursor` carries a sorted batch's position from one address to the next.
+    pub fn find(&self, addr: u64, cursor: &mut Cursor, chain: &mut Vec<u32>) -> Option<&Function> {
+        chain.clear();
         let after = cursor.partition_point(&self.ranges, |r| r.start <= addr);
         let range = self.ranges[..after].last().filter(|r| addr < r.end)?;
         let function = &self.functions[range.target as usize];
         let mut ranges =
             &self.inline_ranges[function.inlines.0 as usize..function.inlines.1 as usize];
-        let mut chain = Vec::new();
         loop {
             let depth = chain.len() as u32;
             let found = ranges.binary_search_by(|r| {
@@ -90,10 +90,14 @@ impl Functions {
                 })
             });
             let Ok(index) = found else { break };
-            chain.push(&self.inlines[ranges[index].target as usize]);
+            chain.push(ranges[index].target);
             ranges = &ranges[index + 1..];
         }
-        Some((function, chain))
+        Some(function)
+    }
+
+    pub fn inline(&self, index: u32) -> &Inline {
+        &self.inlines[index as usize]
     }
 }
 

@@ -72,6 +72,8 @@ pub(crate) struct Cursors {
     functions: Cursor,
     /// For the caller's [`Complete`].
     symbols: Cursor,
+    /// Scratch for a function's chain of inlined calls.
+    chain: Vec<u32>,
 }
 
 /// How frames are written.
@@ -382,6 +384,23 @@ fn frames_in(
     let row = unit
         .lines
         .find(addr, &mut cursors.lines, style.discriminators);
+    let mut chain = std::mem::take(&mut cursors.chain);
+    let found = unit
+        .functions
+        .find(addr, &mut cursors.functions, &mut chain);
+    let frames = frames_at(unit, found, &chain, row, style);
+    cursors.chain = chain;
+    frames
+}
+
+/// The frames at one address from its line row and its function with the chain of inlined calls there.
+fn frames_at(
+    unit: &ParsedUnit,
+    found: Option<&functions::Function>,
+    chain: &[u32],
+    row: Option<lines::RowLocation<'_>>,
+    style: FrameStyle,
+) -> Option<Vec<Frame>> {
     let language = unit.functions.language;
     let discriminator_of = |row: &lines::RowLocation<'_>| {
         row.discriminator
@@ -396,7 +415,7 @@ fn frames_in(
         discriminator,
         inlined,
     };
-    let Some((function, inlines)) = unit.functions.find(addr, &mut cursors.functions) else {
+    let Some(function) = found else {
         let row = row?;
         return Some(vec![frame(
             None,
@@ -407,13 +426,13 @@ fn frames_in(
             false,
         )]);
     };
-    let mut frames = Vec::with_capacity(inlines.len() + 1);
+    let mut frames = Vec::with_capacity(chain.len() + 1);
     // The innermost frame is where the line table puts the address; each caller is where its callee was called.
     let (mut file, mut line, mut column, mut discriminator) = match &row {
         Some(r) => (r.file.cloned(), r.line, r.column, discriminator_of(r)),
         None => (None, None, None, None),
     };
-    for inline in inlines.iter().rev() {
+    for inline in chain.iter().rev().map(|&i| unit.functions.inline(i)) {
         frames.push(frame(
             inline.name.as_ref(),
             file.take(),
