@@ -1,7 +1,7 @@
 //! One ELF file: its symbol table, its address ranges, and (lazily) its DWARF.
 //!
-//! The file is memory-mapped and never copied: only the pages a lookup touches are read. DWARF is parsed on the first
-//! lookup that needs it, and addr2line's context caches parsed units and line tables across lookups. Relocations are
+//! The file is memory-mapped and never copied: only the pages a lookup touches are read. DWARF is indexed on the first
+//! lookup that needs it, and each unit parsed once, when an address first falls in it (see `dwarf`). Relocations are
 //! never applied to an executable's (ET_EXEC/ET_DYN) DWARF, which is already final, so the ~285 MB of
 //! `.rela.debug_*` in a distribution vmlinux are never read; a relocatable object's (a `.ko`'s) DWARF is relocated
 //! to where its sections were loaded (see `reloc`).

@@ -4,8 +4,9 @@
 //! addresses from every source it was given: ELF symbol tables and DWARF (line tables, inline frames,
 //! discriminators), kallsyms or System.map text, module regions from `/proc/modules`, and `.ko` files placed by
 //! `/sys/module/*/sections`. An address no source covers comes back unknown rather than as the nearest symbol far
-//! away. Files are memory-mapped and DWARF is parsed lazily, per compilation unit, and cached; relocations are never
-//! applied to an executable's DWARF, so a distribution vmlinux's `.rela.debug_*` are never read.
+//! away. Files are memory-mapped and DWARF is parsed lazily, per compilation unit, and cached (a large batch parses
+//! its units on several threads); relocations are never applied to an executable's DWARF, so a distribution
+//! vmlinux's `.rela.debug_*` are never read.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), symbols::SymbolsError> {
