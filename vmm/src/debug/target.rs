@@ -32,9 +32,9 @@ pub struct VmDebugTarget {
     /// Per vCPU: the RIP of the hardware breakpoint it was last reported stopped on.
     hw_stops: Vec<Option<u64>>,
     /// Per vCPU: its registers as last read while stopped (`true`: complete, with the FPU/SSE state and
-    /// `k_gs_base`). A stopped vCPU's
-    /// registers change only through `write_registers`; every resume forgets them. gdb reads registers and
-    /// memory (which needs CR3) several times per stop, each a round trip to the vCPU thread otherwise.
+    /// `k_gs_base`). A stopped vCPU's registers change only through `write_registers`; every resume forgets
+    /// them. gdb reads registers and memory (which needs CR3) several times per stop, each a round trip to the
+    /// vCPU thread otherwise.
     registers: Vec<Option<(GuestRegisters, bool)>>,
     /// Number of the latest `resume`; a vCPU that reported a stop during it has parked itself.
     generation: u64,
