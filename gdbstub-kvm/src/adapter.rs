@@ -104,7 +104,7 @@ impl<'t, T: DebugTarget + ?Sized> Adapter<'t, T> {
     /// The registers to send with a stop reply of the vCPU that just stopped (`None` if they cannot be read:
     /// gdb then asks for them itself and gets the error).
     pub(crate) fn expedited(&mut self) -> Option<Vec<(RegNumber, Vec<u8>)>> {
-        let regs = self.target.read_registers(self.focus_vcpu).ok()?;
+        let regs = self.target.read_core_registers(self.focus_vcpu).ok()?;
         Some(expedited_registers(&regs))
     }
 

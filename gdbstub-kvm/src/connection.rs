@@ -377,12 +377,10 @@ impl GdbConnection {
         Ok(())
     }
 
-    /// Adds what this connection answers itself to `gdbstub`'s `qSupported` reply (which starts with
-    /// `PacketSize=`, after an ack while acks are on).
+    /// Rewrites `gdbstub`'s `qSupported` reply (which starts with `PacketSize=`, after an ack while acks are
+    /// on): the packet size gdb may use is [`PACKET_SIZE`], not the size of `gdbstub`'s parse buffer (see
+    /// [`crate::stub::PARSE_BUFFER`]), and the features this connection answers itself are added.
     fn advertise_local_features(&self, outgoing: &mut Vec<u8>) {
-        if self.threads == 0 {
-            return;
-        }
         let Some(start) = (0..=1).find(|&i| outgoing[i..].starts_with(b"$PacketSize=")) else {
             return;
         };
@@ -393,12 +391,20 @@ impl GdbConnection {
         else {
             return;
         };
-        let mut body = outgoing[start + 1..hash].to_vec();
-        body.extend_from_slice(b";qXfer:threads:read+");
-        let checksum = body.iter().fold(0u8, |sum, b| sum.wrapping_add(*b));
+        let features = String::from_utf8_lossy(&outgoing[start + 1..hash]).into_owned();
+        let mut body = format!("PacketSize={PACKET_SIZE:06x}");
+        // The first feature is gdbstub's PacketSize; keep the others as they are.
+        for feature in features.split(';').skip(1) {
+            body.push(';');
+            body.push_str(feature);
+        }
+        if self.threads > 0 {
+            body.push_str(";qXfer:threads:read+");
+        }
+        let checksum = body.bytes().fold(0u8, |sum, b| sum.wrapping_add(b));
         outgoing.truncate(start);
         outgoing.push(b'$');
-        outgoing.extend_from_slice(&body);
+        outgoing.extend_from_slice(body.as_bytes());
         outgoing.extend_from_slice(format!("#{checksum:02x}").as_bytes());
     }
 
@@ -560,7 +566,7 @@ mod tests {
         let mut reply = b"+$PacketSize=1000;vContSupported+#00".to_vec();
         connection.advertise_local_features(&mut reply);
         let text = String::from_utf8(reply.clone()).unwrap();
-        assert!(text.starts_with("+$PacketSize=1000;vContSupported+;qXfer:threads:read+#"));
+        assert!(text.starts_with("+$PacketSize=010000;vContSupported+;qXfer:threads:read+#"));
         assert!(checksum_matches(&reply[1..]));
         let mut other = b"$OK#9a".to_vec();
         connection.advertise_local_features(&mut other);

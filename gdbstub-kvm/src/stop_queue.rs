@@ -69,7 +69,9 @@ impl StopQueue {
     /// Takes the oldest event; resets the eventfd when the queue becomes empty.
     pub fn take(&self) -> Option<StopEvent> {
         let mut events = self.events();
-        let event = events.pop_front();
+        // Under the lock the eventfd is readable exactly while the queue holds events: an empty queue has a reset
+        // eventfd already (no syscall needed; the stub looks at an empty queue once per stop).
+        let event = events.pop_front()?;
         if events.is_empty() {
             let mut counter = [0u8; 8];
             // SAFETY: reads at most 8 bytes into a live buffer from the non-blocking eventfd we own; EAGAIN means
@@ -82,7 +84,7 @@ impl StopQueue {
                 )
             };
         }
-        event
+        Some(event)
     }
 
     /// Drops every queued event (e.g. stale ones before a fresh resume the VMM decides to discard).

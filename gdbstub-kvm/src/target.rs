@@ -146,6 +146,14 @@ pub trait DebugTarget {
     /// other users of the type skip it). Called only while stopped.
     fn read_registers(&mut self, vcpu: VcpuIndex) -> Result<GuestRegisters, TargetError>;
 
+    /// The registers a stop reply carries (general registers, rip, rflags, segment selectors) and the paging
+    /// state; `fpu` and `k_gs_base` may be left out. The stub calls it for every stop reply, so a target that can
+    /// answer it more cheaply than [`DebugTarget::read_registers`] (e.g. from the state KVM handed back with
+    /// the exit) should. Called only while stopped.
+    fn read_core_registers(&mut self, vcpu: VcpuIndex) -> Result<GuestRegisters, TargetError> {
+        self.read_registers(vcpu)
+    }
+
     /// Replaces the vCPU's register state. The stub passes a full snapshot: what `read_registers` returned,
     /// with the registers gdb knows overlaid (gdb writes its whole set after changing one). State gdb cannot see
     /// (a segment's hidden base/limit/attributes except the fs/gs bases, rflags bits 32-63, the x87 pointers'

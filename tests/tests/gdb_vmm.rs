@@ -34,11 +34,20 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
             "info symbol $pc",
             "x/2i $pc",
             "set var $rdi = 5",
+            // Registers a step's stop reply does not carry (gdb fetches them after the step): what was written
+            // here must come back, not a partial snapshot's zeros. Ring-0 guest code has no SSE and no swapgs.
+            "set var $xmm3.v2_int64[0] = 0x1122334455667788",
+            "set var $xmm3.v2_int64[1] = 0x0102030405060708",
+            "set var $k_gs_base = 0xffff888000001234",
             "stepi",
             "echo after-stepi\\n",
             "p/x $pc",
             "echo rdi-after-step\\n",
             "p $rdi",
+            "echo xmm3-after-step\\n",
+            "p/x $xmm3.v2_int64",
+            "echo kgs-after-step\\n",
+            "p/x $k_gs_base",
             "delete",
             "detach",
         ],
@@ -112,6 +121,19 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
         .find(|l| l.starts_with('$'))
         .expect("p $rdi");
     assert!(rdi.ends_with(" = 15"), "{rdi}");
+    let xmm3 = out[out.find("xmm3-after-step").unwrap()..]
+        .lines()
+        .find(|l| l.starts_with('$'))
+        .expect("p/x $xmm3.v2_int64");
+    assert!(
+        xmm3.ends_with(" = {0x1122334455667788, 0x102030405060708}"),
+        "xmm3 after the step: {xmm3}"
+    );
+    assert_eq!(
+        hex_value_after(&out, "kgs-after-step"),
+        0xffff888000001234,
+        "k_gs_base after the step"
+    );
     assert!(out.contains("[Inferior 1 (process 1) detached]"));
     let (code, stdout, _) = vmm.finish();
     assert_eq!(code, Some(0), "the guest finished after detach");

@@ -104,7 +104,14 @@ impl VcpuHandle {
     /// Sends a request and kicks the vCPU out of the guest so it sees it promptly.
     pub fn send(&self, req: VcpuRequest) -> Result<(), VcpuError> {
         self.tx.send(req).map_err(|_| VcpuError::Exited(self.id))?;
-        self.kicker.kick();
+        // A paused vCPU is blocked on the channel (the send wakes it) or will drain the channel before its next
+        // KVM_RUN (see `Vcpu::run`): a kick would only make that KVM_RUN return at once with EINTR, a wasted
+        // ioctl and signal on every gdb step. The fence pairs with the one in `Vcpu::run`: either this load sees
+        // the vCPU running (and kicks), or the vCPU's drain sees the request.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.state() != VcpuState::Paused {
+            self.kicker.kick();
+        }
         Ok(())
     }
 
@@ -172,6 +179,9 @@ impl Vcpu {
                 self.drop_sample_request();
                 continue;
             }
+            // Pairs with the fence in `VcpuHandle::send`: a request sent while this vCPU still looked paused (so
+            // without a kick) is seen here, after the state says running, and before the next KVM_RUN.
+            std::sync::atomic::fence(Ordering::SeqCst);
             while let Ok(req) = self.rx.try_recv() {
                 self.serve(req);
             }
@@ -203,11 +213,10 @@ impl Vcpu {
                 let _ = reply.send(self.set_registers(&regs));
             }
             VcpuRequest::SetGuestDebug(dbg, reply) => {
-                let _ = reply.send(
-                    self.fd
-                        .set_guest_debug(&dbg)
-                        .map_err(self.ioctl_err("KVM_SET_GUEST_DEBUG")),
-                );
+                let result = self
+                    .apply_guest_debug(&dbg)
+                    .map_err(self.ioctl_err("KVM_SET_GUEST_DEBUG"));
+                let _ = reply.send(result);
             }
             VcpuRequest::DebugResume(resume) => self.debug_resume(resume),
             VcpuRequest::Exit => self.set_state(VcpuState::Exited),

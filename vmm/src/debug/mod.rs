@@ -109,7 +109,16 @@ pub enum MmioOutcome {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ParkedStop {
     pub generation: u64,
-    pub registers: Option<GuestRegisters>,
+    pub registers: Option<ReportedRegisters>,
+}
+
+/// Registers a vCPU read for its stop report.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReportedRegisters {
+    pub regs: GuestRegisters,
+    /// With the FPU/SSE state and `k_gs_base`; without them (a step's report takes what KVM's sync regs hold,
+    /// which costs no ioctl) the gdb thread asks the vCPU for the rest when gdb wants it.
+    pub complete: bool,
 }
 
 /// Debug state shared by the gdb thread and every vCPU thread.
@@ -183,7 +192,7 @@ impl DebugShared {
         &self,
         event: StopEvent,
         generation: u64,
-        registers: Option<GuestRegisters>,
+        registers: Option<ReportedRegisters>,
         park: impl FnOnce(),
     ) {
         let mut parked = lock(&self.parked);

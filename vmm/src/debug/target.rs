@@ -31,9 +31,10 @@ pub struct VmDebugTarget {
     next_watch_id: u64,
     /// Per vCPU: the RIP of the hardware breakpoint it was last reported stopped on.
     hw_stops: Vec<Option<u64>>,
-    /// Per vCPU: its registers as last read while stopped (`true`: with the FPU/SSE state). A stopped vCPU's
-    /// registers change only through `write_registers`; every resume forgets them. gdb reads registers and
-    /// memory (which needs CR3) several times per stop, each a round trip to the vCPU thread otherwise.
+    /// Per vCPU: its registers as last read while stopped (`true`: complete, with the FPU/SSE state and
+    /// `k_gs_base`). A stopped vCPU's registers change only through `write_registers`; every resume forgets
+    /// them. gdb reads registers and memory (which needs CR3) several times per stop, each a round trip to the
+    /// vCPU thread otherwise.
     registers: Vec<Option<(GuestRegisters, bool)>>,
     /// Number of the latest `resume`; a vCPU that reported a stop during it has parked itself.
     generation: u64,
@@ -81,7 +82,8 @@ impl VmDebugTarget {
         Ok(PagingContext::from_regs(&regs))
     }
 
-    /// A stopped vCPU's registers, from the cache when it has them (`with_fpu`: the FPU/SSE state too).
+    /// A stopped vCPU's registers, from the cache when it has them (`with_fpu`: complete, the FPU/SSE state and
+    /// `k_gs_base` too).
     fn registers_of(
         &mut self,
         vcpu: VcpuIndex,
@@ -93,9 +95,11 @@ impl VmDebugTarget {
                 return Ok(regs);
             }
         }
-        if let Some(regs) = self.parked_by_report(vcpu).and_then(|p| p.registers) {
-            self.registers[vcpu] = Some((regs, true));
-            return Ok(regs);
+        if let Some(reported) = self.parked_by_report(vcpu).and_then(|p| p.registers) {
+            self.registers[vcpu] = Some((reported.regs, reported.complete));
+            if reported.complete || !with_fpu {
+                return Ok(reported.regs);
+            }
         }
         let regs = self
             .control
@@ -247,7 +251,7 @@ impl DebugTarget for VmDebugTarget {
         for &(vcpu, action) in actions {
             self.check_vcpu(vcpu)?;
             if action == ResumeAction::Step && self.caps.pvm {
-                let regs = self.read_registers(vcpu)?;
+                let regs = self.registers_of(vcpu, false)?;
                 if regs.cpl() == 3 {
                     return Err(TargetError::refused(format!(
                         "vCPU {vcpu} is in user-space (ring-3) code at {:#x}: this PVM host delivers ring-3 \
@@ -283,6 +287,10 @@ impl DebugTarget for VmDebugTarget {
 
     fn read_registers(&mut self, vcpu: VcpuIndex) -> Result<GuestRegisters, TargetError> {
         self.registers_of(vcpu, true)
+    }
+
+    fn read_core_registers(&mut self, vcpu: VcpuIndex) -> Result<GuestRegisters, TargetError> {
+        self.registers_of(vcpu, false)
     }
 
     fn write_registers(
