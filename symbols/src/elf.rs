@@ -190,19 +190,15 @@ impl ElfObject {
     /// Frames for a link-time address, innermost first. Empty when neither DWARF nor the symbol table knows it.
     /// The containing function from the symbol table alone (no DWARF).
     pub fn symbol_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
-        self.symtab
-            .lookup(link_addr)
-            .map(|s| Frame {
-                function: Some(display_name(&s.name, demangle)),
-                symbol_offset: Some(link_addr - s.start),
-                file: None,
-                line: None,
-                column: None,
-                discriminator: None,
-                inlined: false,
-            })
-            .into_iter()
-            .collect()
+        let mut frames = Vec::new();
+        complete_from_symbols(
+            &self.symtab,
+            link_addr,
+            &mut frames,
+            demangle,
+            &mut Cursor::default(),
+        );
+        frames
     }
 
     /// Frames for each link-time address of a sorted, duplicate-free batch, innermost first; empty when neither

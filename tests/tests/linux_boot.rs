@@ -177,7 +177,10 @@ fn internal_errors(sock: &std::path::Path) -> u64 {
 #[test]
 fn debian_bzimage_with_kaslr_symbolizes_through_lstar_and_gets_past_int3_selftest() {
     let dbg_vmlinux = symbolize_common::debian_vmlinux();
-    let (payload_id, dbg_id) = (build_id(&debian_vmlinux()), build_id(&dbg_vmlinux));
+    let (payload_id, dbg_id) = (
+        symbolize_common::readelf_build_id(&debian_vmlinux()),
+        symbolize_common::readelf_build_id(&dbg_vmlinux),
+    );
     assert_eq!(
         payload_id,
         dbg_id,
@@ -373,20 +376,6 @@ fn debian_bzimage_with_kaslr_symbolizes_through_lstar_and_gets_past_int3_selftes
     );
     println!("{:?}: past int3_selftest", started.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The GNU build-id of an ELF, as binutils `readelf -n` prints it.
-fn build_id(elf: &Path) -> String {
-    let out = Command::new("readelf")
-        .arg("-n")
-        .arg(elf)
-        .output()
-        .expect("readelf");
-    assert!(out.status.success(), "readelf -n {}", elf.display());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
-        .unwrap_or_else(|| panic!("{} has no build-id", elf.display()))
 }
 
 /// Link addresses of `names` in `elf`'s symbol table, as binutils `nm` reads it.

@@ -184,19 +184,6 @@ fn symbolize_kallsyms_alone_names_the_containing_symbol() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// The build-id of an ELF as binutils `readelf -n` prints it.
-fn readelf_build_id(elf: &Path) -> String {
-    let output = Command::new("readelf")
-        .arg("-n")
-        .arg(elf)
-        .output()
-        .expect("run readelf -n");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
-        .expect("vmlinux has a build-id")
-}
-
 #[test]
 fn symbolize_warns_loudly_about_a_vmlinux_that_is_not_the_guests() {
     let vmlinux = debian_vmlinux();

@@ -6,6 +6,7 @@
 
 use gimli::{constants as c, DwAt, DwForm, UnitOffset};
 
+use super::bytes::Bytes;
 use super::Slice;
 
 /// A wanted attribute's value, decoded to what the walk uses.
@@ -42,18 +43,11 @@ impl Value {
 /// Cursor over one unit's DIE bytes; positions are unit offsets, as DWARF references are.
 pub(crate) struct DieReader<'a> {
     unit: &'a gimli::Unit<Slice>,
-    bytes: &'static [u8],
-    big_endian: bool,
-    /// Unit offset of `bytes[0]`.
-    base: usize,
-    pos: usize,
+    /// The unit's DIE bytes; `base` is the unit offset of the first.
+    input: Bytes,
     depth: isize,
     /// Per abbreviation code: 0 = not yet known, `u32::MAX` = some attribute's size varies, else size + 1.
     fixed_sizes: Vec<u32>,
-}
-
-fn eof(at: usize) -> gimli::Error {
-    gimli::Error::UnexpectedEof(gimli::ReaderOffsetId(at as u64))
 }
 
 impl<'a> DieReader<'a> {
@@ -62,10 +56,11 @@ impl<'a> DieReader<'a> {
         let entries = unit.header.range_from(UnitOffset(base)..)?;
         Ok(DieReader {
             unit,
-            big_endian: gimli::Endianity::is_big_endian(gimli::Reader::endian(&entries)),
-            bytes: entries.slice(),
-            base,
-            pos: 0,
+            input: Bytes::new(
+                entries.slice(),
+                gimli::Endianity::is_big_endian(gimli::Reader::endian(&entries)),
+                base,
+            ),
             depth: 0,
             fixed_sizes: Vec::new(),
         })
@@ -74,15 +69,15 @@ impl<'a> DieReader<'a> {
     /// A reader at the DIE at `offset` (for reading that one DIE).
     pub fn at(unit: &'a gimli::Unit<Slice>, offset: UnitOffset) -> Result<Self, gimli::Error> {
         let mut reader = Self::new(unit)?;
-        match offset.0.checked_sub(reader.base) {
-            Some(pos) if pos < reader.bytes.len() => reader.pos = pos,
+        match offset.0.checked_sub(reader.input.base) {
+            Some(pos) if pos < reader.input.data.len() => reader.input.pos = pos,
             _ => return Err(gimli::Error::OffsetOutOfBounds(offset.0 as u64)),
         }
         Ok(reader)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pos >= self.bytes.len()
+        self.input.is_empty()
     }
 
     /// Depth of the next DIE (the unit's root is 0).
@@ -92,9 +87,9 @@ impl<'a> DieReader<'a> {
 
     /// Moves to a later DIE at `depth`; `false` (and no move) unless `offset` lies ahead inside the unit.
     pub fn jump(&mut self, offset: UnitOffset, depth: isize) -> bool {
-        match offset.0.checked_sub(self.base) {
-            Some(pos) if pos > self.pos && pos < self.bytes.len() => {
-                self.pos = pos;
+        match offset.0.checked_sub(self.input.base) {
+            Some(pos) if pos > self.input.pos && pos < self.input.data.len() => {
+                self.input.pos = pos;
                 self.depth = depth;
                 true
             }
@@ -106,7 +101,7 @@ impl<'a> DieReader<'a> {
     pub fn next_abbreviation(
         &mut self,
     ) -> Result<Option<(u64, &'a gimli::Abbreviation)>, gimli::Error> {
-        let code = self.uleb()?;
+        let code = self.input.uleb()?;
         if code == 0 {
             self.depth -= 1;
             return Ok(None);
@@ -131,10 +126,10 @@ impl<'a> DieReader<'a> {
         let slot = usize::try_from(code).unwrap_or(usize::MAX);
         if let Some(&known) = self.fixed_sizes.get(slot) {
             if known != 0 && known != u32::MAX {
-                return self.advance(known as usize - 1);
+                return self.input.advance(known as usize - 1);
             }
         }
-        let start = self.pos;
+        let start = self.input.pos;
         let mut fixed = true;
         for spec in abbrev.attributes() {
             fixed &= self.skip(spec.form())?;
@@ -144,7 +139,7 @@ impl<'a> DieReader<'a> {
                 self.fixed_sizes.resize(slot + 1, 0);
             }
             self.fixed_sizes[slot] = match fixed {
-                true => (self.pos - start + 1) as u32,
+                true => (self.input.pos - start + 1) as u32,
                 false => u32::MAX,
             };
         }
@@ -167,74 +162,6 @@ impl<'a> DieReader<'a> {
             }
         }
         Ok(())
-    }
-
-    fn advance(&mut self, n: usize) -> Result<(), gimli::Error> {
-        if self.bytes.len() - self.pos < n {
-            return Err(eof(self.base + self.pos));
-        }
-        self.pos += n;
-        Ok(())
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'static [u8], gimli::Error> {
-        let start = self.pos;
-        self.advance(n)?;
-        Ok(&self.bytes[start..self.pos])
-    }
-
-    fn fixed(&mut self, n: usize) -> Result<u64, gimli::Error> {
-        let bytes = self.take(n)?;
-        let mut value = 0u64;
-        for (i, &b) in bytes.iter().enumerate().take(8) {
-            let shift = match self.big_endian {
-                false => 8 * i,
-                true => 8 * (bytes.len().min(8) - 1 - i),
-            };
-            value |= u64::from(b) << shift;
-        }
-        Ok(value)
-    }
-
-    fn uleb(&mut self) -> Result<u64, gimli::Error> {
-        let mut value = 0u64;
-        let mut shift = 0;
-        loop {
-            let &byte = self
-                .bytes
-                .get(self.pos)
-                .ok_or_else(|| eof(self.base + self.pos))?;
-            self.pos += 1;
-            if shift < 64 {
-                value |= u64::from(byte & 0x7f) << shift;
-            }
-            shift += 7;
-            if byte & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-    }
-
-    fn sleb(&mut self) -> Result<i64, gimli::Error> {
-        let mut value = 0i64;
-        let mut shift = 0;
-        loop {
-            let &byte = self
-                .bytes
-                .get(self.pos)
-                .ok_or_else(|| eof(self.base + self.pos))?;
-            self.pos += 1;
-            if shift < 64 {
-                value |= i64::from(byte & 0x7f) << shift;
-            }
-            shift += 7;
-            if byte & 0x80 == 0 {
-                if shift < 64 && byte & 0x40 != 0 {
-                    value |= -1i64 << shift;
-                }
-                return Ok(value);
-            }
-        }
     }
 
     fn offset_size(&self) -> usize {
@@ -287,41 +214,37 @@ impl<'a> DieReader<'a> {
             | c::DW_FORM_rnglistx
             | c::DW_FORM_GNU_addr_index
             | c::DW_FORM_GNU_str_index => {
-                self.uleb()?;
+                self.input.uleb()?;
                 return Ok(false);
             }
             c::DW_FORM_string => {
-                let rest = &self.bytes[self.pos..];
-                let len = rest
-                    .iter()
-                    .position(|&b| b == 0)
-                    .ok_or_else(|| eof(self.base + self.bytes.len()))?;
-                self.pos += len + 1;
+                self.input.until_nul()?;
                 return Ok(false);
             }
             c::DW_FORM_block1 => {
-                let len = self.fixed(1)? as usize;
-                self.advance(len)?;
+                let len = self.input.fixed(1)? as usize;
+                self.input.advance(len)?;
                 return Ok(false);
             }
             c::DW_FORM_block2 => {
-                let len = self.fixed(2)? as usize;
-                self.advance(len)?;
+                let len = self.input.fixed(2)? as usize;
+                self.input.advance(len)?;
                 return Ok(false);
             }
             c::DW_FORM_block4 => {
-                let len = self.fixed(4)? as usize;
-                self.advance(len)?;
+                let len = self.input.fixed(4)? as usize;
+                self.input.advance(len)?;
                 return Ok(false);
             }
             c::DW_FORM_block | c::DW_FORM_exprloc => {
-                let len = usize::try_from(self.uleb()?).map_err(|_| eof(self.base + self.pos))?;
-                self.advance(len)?;
+                let len = usize::try_from(self.input.uleb()?).map_err(|_| self.input.eof())?;
+                self.input.advance(len)?;
                 return Ok(false);
             }
             c::DW_FORM_indirect => {
                 let form = DwForm(
-                    u16::try_from(self.uleb()?).map_err(|_| gimli::Error::UnknownForm(form))?,
+                    u16::try_from(self.input.uleb()?)
+                        .map_err(|_| gimli::Error::UnknownForm(form))?,
                 );
                 if form == c::DW_FORM_indirect {
                     return Err(gimli::Error::UnknownForm(form));
@@ -331,54 +254,48 @@ impl<'a> DieReader<'a> {
             }
             other => return Err(gimli::Error::UnknownForm(other)),
         };
-        self.advance(size)?;
+        self.input.advance(size)?;
         Ok(true)
     }
 
     fn value(&mut self, form: DwForm, implicit: Option<i64>) -> Result<Value, gimli::Error> {
         let offset_size = self.offset_size();
         Ok(match form {
-            c::DW_FORM_addr => Value::Address(self.fixed(self.address_size())?),
-            c::DW_FORM_addrx1 => Value::AddressIndex(self.fixed(1)?),
-            c::DW_FORM_addrx2 => Value::AddressIndex(self.fixed(2)?),
-            c::DW_FORM_addrx3 => Value::AddressIndex(self.fixed(3)?),
-            c::DW_FORM_addrx4 => Value::AddressIndex(self.fixed(4)?),
-            c::DW_FORM_addrx | c::DW_FORM_GNU_addr_index => Value::AddressIndex(self.uleb()?),
-            c::DW_FORM_data1 | c::DW_FORM_flag => Value::Unsigned(self.fixed(1)?),
-            c::DW_FORM_data2 => Value::Unsigned(self.fixed(2)?),
-            c::DW_FORM_data4 => Value::Unsigned(self.fixed(4)?),
-            c::DW_FORM_data8 => Value::Unsigned(self.fixed(8)?),
-            c::DW_FORM_udata => Value::Unsigned(self.uleb()?),
-            c::DW_FORM_sdata => Value::Signed(self.sleb()?),
+            c::DW_FORM_addr => Value::Address(self.input.fixed(self.address_size())?),
+            c::DW_FORM_addrx1 => Value::AddressIndex(self.input.fixed(1)?),
+            c::DW_FORM_addrx2 => Value::AddressIndex(self.input.fixed(2)?),
+            c::DW_FORM_addrx3 => Value::AddressIndex(self.input.fixed(3)?),
+            c::DW_FORM_addrx4 => Value::AddressIndex(self.input.fixed(4)?),
+            c::DW_FORM_addrx | c::DW_FORM_GNU_addr_index => Value::AddressIndex(self.input.uleb()?),
+            c::DW_FORM_data1 | c::DW_FORM_flag => Value::Unsigned(self.input.fixed(1)?),
+            c::DW_FORM_data2 => Value::Unsigned(self.input.fixed(2)?),
+            c::DW_FORM_data4 => Value::Unsigned(self.input.fixed(4)?),
+            c::DW_FORM_data8 => Value::Unsigned(self.input.fixed(8)?),
+            c::DW_FORM_udata => Value::Unsigned(self.input.uleb()?),
+            c::DW_FORM_sdata => Value::Signed(self.input.sleb()?),
             c::DW_FORM_implicit_const => Value::Signed(implicit.unwrap_or(0)),
-            c::DW_FORM_ref1 => Value::UnitRef(UnitOffset(self.fixed(1)? as usize)),
-            c::DW_FORM_ref2 => Value::UnitRef(UnitOffset(self.fixed(2)? as usize)),
-            c::DW_FORM_ref4 => Value::UnitRef(UnitOffset(self.fixed(4)? as usize)),
-            c::DW_FORM_ref8 => Value::UnitRef(UnitOffset(self.fixed(8)? as usize)),
-            c::DW_FORM_ref_udata => Value::UnitRef(UnitOffset(self.uleb()? as usize)),
+            c::DW_FORM_ref1 => Value::UnitRef(UnitOffset(self.input.fixed(1)? as usize)),
+            c::DW_FORM_ref2 => Value::UnitRef(UnitOffset(self.input.fixed(2)? as usize)),
+            c::DW_FORM_ref4 => Value::UnitRef(UnitOffset(self.input.fixed(4)? as usize)),
+            c::DW_FORM_ref8 => Value::UnitRef(UnitOffset(self.input.fixed(8)? as usize)),
+            c::DW_FORM_ref_udata => Value::UnitRef(UnitOffset(self.input.uleb()? as usize)),
             c::DW_FORM_ref_addr => Value::InfoRef(gimli::DebugInfoOffset(
-                self.fixed(self.ref_addr_size())? as usize,
+                self.input.fixed(self.ref_addr_size())? as usize,
             )),
             c::DW_FORM_strp => Value::Str(gimli::AttributeValue::DebugStrRef(
-                gimli::DebugStrOffset(self.fixed(offset_size)? as usize),
+                gimli::DebugStrOffset(self.input.fixed(offset_size)? as usize),
             )),
             c::DW_FORM_line_strp => Value::Str(gimli::AttributeValue::DebugLineStrRef(
-                gimli::DebugLineStrOffset(self.fixed(offset_size)? as usize),
+                gimli::DebugLineStrOffset(self.input.fixed(offset_size)? as usize),
             )),
-            c::DW_FORM_strx1 => Value::Str(str_index(self.fixed(1)?)),
-            c::DW_FORM_strx2 => Value::Str(str_index(self.fixed(2)?)),
-            c::DW_FORM_strx3 => Value::Str(str_index(self.fixed(3)?)),
-            c::DW_FORM_strx4 => Value::Str(str_index(self.fixed(4)?)),
-            c::DW_FORM_strx | c::DW_FORM_GNU_str_index => Value::Str(str_index(self.uleb()?)),
+            c::DW_FORM_strx1 => Value::Str(str_index(self.input.fixed(1)?)),
+            c::DW_FORM_strx2 => Value::Str(str_index(self.input.fixed(2)?)),
+            c::DW_FORM_strx3 => Value::Str(str_index(self.input.fixed(3)?)),
+            c::DW_FORM_strx4 => Value::Str(str_index(self.input.fixed(4)?)),
+            c::DW_FORM_strx | c::DW_FORM_GNU_str_index => Value::Str(str_index(self.input.uleb()?)),
             c::DW_FORM_string => {
-                let rest = &self.bytes[self.pos..];
-                let len = rest
-                    .iter()
-                    .position(|&b| b == 0)
-                    .ok_or_else(|| eof(self.base + self.bytes.len()))?;
-                let text = &rest[..len];
-                self.pos += len + 1;
-                let endian = match self.big_endian {
+                let text = self.input.until_nul()?;
+                let endian = match self.input.big_endian {
                     false => gimli::RunTimeEndian::Little,
                     true => gimli::RunTimeEndian::Big,
                 };
@@ -386,11 +303,12 @@ impl<'a> DieReader<'a> {
                     text, endian,
                 )))
             }
-            c::DW_FORM_sec_offset => Value::SecOffset(self.fixed(offset_size)?),
-            c::DW_FORM_rnglistx => Value::RangeListIndex(self.uleb()?),
+            c::DW_FORM_sec_offset => Value::SecOffset(self.input.fixed(offset_size)?),
+            c::DW_FORM_rnglistx => Value::RangeListIndex(self.input.uleb()?),
             c::DW_FORM_indirect => {
                 let inner = DwForm(
-                    u16::try_from(self.uleb()?).map_err(|_| gimli::Error::UnknownForm(form))?,
+                    u16::try_from(self.input.uleb()?)
+                        .map_err(|_| gimli::Error::UnknownForm(form))?,
                 );
                 if inner == c::DW_FORM_indirect {
                     return Err(gimli::Error::UnknownForm(inner));

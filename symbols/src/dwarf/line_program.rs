@@ -3,6 +3,7 @@
 //! general-purpose instruction decoding: a cold batch over a distribution vmlinux runs four million rows through it.
 //! Anything outside the common case reports [`Outcome::Unsupported`] and the caller runs gimli's rows instead.
 
+use super::bytes::Bytes;
 use super::Slice;
 
 /// One row of the program's matrix, as the table keeps it.
@@ -52,69 +53,6 @@ impl State {
     }
 }
 
-fn eof() -> gimli::Error {
-    gimli::Error::UnexpectedEof(gimli::ReaderOffsetId(0))
-}
-
-struct Bytes<'a> {
-    data: &'a [u8],
-    pos: usize,
-}
-
-impl Bytes<'_> {
-    fn u8(&mut self) -> Result<u8, gimli::Error> {
-        let b = *self.data.get(self.pos).ok_or_else(eof)?;
-        self.pos += 1;
-        Ok(b)
-    }
-
-    fn uleb(&mut self) -> Result<u64, gimli::Error> {
-        let (mut value, mut shift) = (0u64, 0u32);
-        loop {
-            let b = self.u8()?;
-            if shift < 64 {
-                value |= u64::from(b & 0x7f) << shift;
-            }
-            shift += 7;
-            if b & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-    }
-
-    fn sleb(&mut self) -> Result<i64, gimli::Error> {
-        let (mut value, mut shift) = (0i64, 0u32);
-        loop {
-            let b = self.u8()?;
-            if shift < 64 {
-                value |= i64::from(b & 0x7f) << shift;
-            }
-            shift += 7;
-            if b & 0x80 == 0 {
-                if shift < 64 && b & 0x40 != 0 {
-                    value |= -1i64 << shift;
-                }
-                return Ok(value);
-            }
-        }
-    }
-
-    fn fixed(&mut self, n: usize, big_endian: bool) -> Result<u64, gimli::Error> {
-        let bytes = self.data.get(self.pos..self.pos + n).ok_or_else(eof)?;
-        self.pos += n;
-        let mut value = 0u64;
-        for (i, &b) in bytes.iter().enumerate().take(8) {
-            let shift = if big_endian {
-                8 * (n.min(8) - 1 - i)
-            } else {
-                8 * i
-            };
-            value |= u64::from(b) << shift;
-        }
-        Ok(value)
-    }
-}
-
 /// Runs the program, handing each row to `emit`.
 pub(crate) fn run(
     header: &gimli::LineProgramHeader<Slice>,
@@ -130,6 +68,7 @@ pub(crate) fn run(
     }
     let program = header.raw_program_buf();
     let big_endian = gimli::Endianity::is_big_endian(gimli::Reader::endian(&program));
+    let eof = || gimli::Error::UnexpectedEof(gimli::ReaderOffsetId(0));
     let opcode_lengths = header.standard_opcode_lengths().slice();
     let address_size = header.address_size();
     let address_mask = match address_size {
@@ -139,10 +78,7 @@ pub(crate) fn run(
     let min_tombstone = address_mask.wrapping_sub(1);
     let min_length = u64::from(encoding.minimum_instruction_length);
     let (line_base, line_range) = (i64::from(encoding.line_base), encoding.line_range);
-    let mut input = Bytes {
-        data: program.slice(),
-        pos: 0,
-    };
+    let mut input = Bytes::new(program.slice(), big_endian, 0);
     let mut state = State::new();
     // Address arithmetic as gimli's: overflow past the address size is an error.
     let add = |state: &mut State, advance: u64| -> Result<(), gimli::Error> {
@@ -175,7 +111,7 @@ pub(crate) fn run(
             state.discriminator = 0;
         }
     };
-    while input.pos < input.data.len() {
+    while !input.is_empty() {
         let opcode = input.u8()?;
         if opcode >= opcode_base {
             let adjusted = opcode - opcode_base;
@@ -190,20 +126,11 @@ pub(crate) fn run(
         match opcode {
             0 => {
                 let length = usize::try_from(input.uleb()?).map_err(|_| eof())?;
-                let end = input
-                    .pos
-                    .checked_add(length)
-                    .filter(|&e| e <= input.data.len())
-                    .ok_or_else(eof)?;
-                let mut instruction = Bytes {
-                    data: &input.data[..end],
-                    pos: input.pos,
-                };
-                input.pos = end;
+                let mut instruction = Bytes::new(input.take(length)?, big_endian, 0);
                 match instruction.u8()? {
                     1 => emit_row(&mut state, true, &mut emit),
                     2 => {
-                        let address = instruction.fixed(usize::from(address_size), big_endian)?;
+                        let address = instruction.fixed(usize::from(address_size))?;
                         state.tombstone = address < state.address || address >= min_tombstone;
                         if !state.tombstone {
                             state.address = address;
@@ -234,7 +161,7 @@ pub(crate) fn run(
                 )?;
             }
             9 => {
-                let advance = input.fixed(2, big_endian)?;
+                let advance = input.fixed(2)?;
                 add(&mut state, advance)?;
             }
             12 => {

@@ -7,6 +7,7 @@
 //! frame; what differs is the work: a unit's DIE walk jumps over type definitions, line rows are 16 bytes, names
 //! are shared, and the sections' bytes are read where they lie in the mapped file.
 
+mod bytes;
 mod die;
 mod functions;
 mod line_program;

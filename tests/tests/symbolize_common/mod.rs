@@ -8,6 +8,20 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// The GNU build-id of an ELF, as binutils `readelf -n` prints it.
+pub fn readelf_build_id(elf: &Path) -> String {
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(elf)
+        .output()
+        .expect("run readelf -n");
+    assert!(out.status.success(), "readelf -n {}", elf.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
+        .unwrap_or_else(|| panic!("{} has no build-id", elf.display()))
+}
+
 /// The `perf-kvm` binary of this build (scripts/test builds the workspace before testing).
 pub fn perf_kvm() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
