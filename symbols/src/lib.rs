@@ -80,6 +80,17 @@ pub struct Symbolized {
     pub object: Option<Arc<str>>,
 }
 
+impl Symbolized {
+    /// A placeholder: no frames, no object.
+    fn unknown() -> Self {
+        Symbolized {
+            addr: 0,
+            frames: Vec::new(),
+            object: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     /// Demangled unless [`Symbolizer::set_demangle`] turned it off. Shared: clones are cheap.
@@ -285,29 +296,37 @@ impl Symbolizer {
     /// Batch lookup, results in input order; addresses may be unsorted. A large batch parses DWARF on several
     /// threads (see [`Self::set_threads`]).
     pub fn symbolize(&self, addrs: &[u64]) -> Vec<Symbolized> {
-        // Each distinct address is looked up once, in address order (tables are then walked forward).
+        // Each distinct address is looked up once, in address order (tables are then walked forward): `order` sorts
+        // the input positions by address, and `runs` gives each distinct address its run of positions there.
         let mut order: Vec<(u64, usize)> = addrs.iter().copied().zip(0..).collect();
         order.sort_unstable();
-        let mut unique: Vec<u64> = Vec::with_capacity(order.len());
-        let mut unique_of = vec![0usize; addrs.len()];
-        for &(addr, position) in &order {
-            if unique.last() != Some(&addr) {
-                unique.push(addr);
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::with_capacity(order.len());
+        for (i, &(addr, _)) in order.iter().enumerate() {
+            match runs.last_mut() {
+                Some(run) if order[run.start].0 == addr => run.end = i + 1,
+                _ => runs.push(i..i + 1),
             }
-            unique_of[position] = unique.len() - 1;
         }
-        drop(order);
-        // Per ELF, the (unique index, link-time address) of the addresses it holds, in address order.
+        let mut out: Vec<Symbolized> = Vec::with_capacity(addrs.len());
+        out.resize_with(addrs.len(), Symbolized::unknown);
+        // Puts one answer at every position of its run: moved to the last, cloned for the others.
+        let mut place = |run: &std::ops::Range<usize>, answer: Symbolized| {
+            for &(_, position) in &order[run.start..run.end - 1] {
+                out[position] = answer.clone();
+            }
+            out[order[run.end - 1].1] = answer;
+        };
+        // Per ELF, the (run, link-time address) of the addresses it holds.
         let mut per_elf: Vec<Vec<(usize, u64)>> = vec![Vec::new(); self.elfs.len()];
-        let mut answers: Vec<Option<Symbolized>> = vec![None; unique.len()];
-        for (i, &addr) in unique.iter().enumerate() {
+        for (r, run) in runs.iter().enumerate() {
+            let addr = order[run.start].0;
             let holder = self.elfs.iter().enumerate().find_map(|(e, elf)| {
                 let link_addr = addr.wrapping_sub(elf.bias);
                 elf.contains(link_addr).then_some((e, link_addr))
             });
             match holder {
-                Some((e, link_addr)) => per_elf[e].push((i, link_addr)),
-                None => answers[i] = Some(self.symbolize_outside_elfs(addr)),
+                Some((e, link_addr)) => per_elf[e].push((r, link_addr)),
+                None => place(run, self.symbolize_outside_elfs(addr)),
             }
         }
         for (elf, mut held) in self.elfs.iter().zip(per_elf) {
@@ -330,31 +349,17 @@ impl Symbolizer {
                     self.threads,
                 )
             };
-            for ((i, _), frames) in held.into_iter().zip(frames) {
-                answers[i] = Some(Symbolized {
-                    addr: unique[i],
+            for ((r, _), frames) in held.into_iter().zip(frames) {
+                let run = &runs[r];
+                let answer = Symbolized {
+                    addr: order[run.start].0,
                     frames,
                     object: Some(elf.name.clone()),
-                });
+                };
+                place(run, answer);
             }
         }
-        // Into input order: each answer moves to the last of its address's positions and is cloned for the others.
-        let mut uses = vec![0u32; unique.len()];
-        for &u in &unique_of {
-            uses[u] += 1;
-        }
-        unique_of
-            .into_iter()
-            .map(|u| {
-                uses[u] -= 1;
-                if uses[u] == 0 {
-                    answers[u].take()
-                } else {
-                    answers[u].clone()
-                }
-                .expect("every distinct address answered")
-            })
-            .collect()
+        out
     }
 
     /// An address no ELF holds: from kallsyms, or at least the module it lies in.

@@ -110,6 +110,10 @@ fn time_ours(elf: &Path, addrs: &[u64], warm_reps: usize, discriminators: bool) 
     let (start, cpu_start) = (Instant::now(), cpu_seconds());
     let mut symbolizer = symbols::Symbolizer::new();
     symbolizer.set_discriminators(discriminators);
+    // SYMBOLS_THREADS=1 measures ours on one CPU, as blazesym runs.
+    if let Some(threads) = std::env::var("SYMBOLS_THREADS").ok().and_then(|t| t.parse().ok()) {
+        symbolizer.set_threads(threads);
+    }
     symbolizer.add_elf(elf, 0)?;
     let results = symbolizer.symbolize(addrs);
     let (cold, cold_cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu_start);
