@@ -11,7 +11,8 @@
 # Goals (issue #5): cold >= 2x blazesym, warm >= 3x blazesym, peak RSS <= blazesym's.
 # symbols/ parses a large batch's units on every CPU the process may use (blazesym on one): the cold rows also show
 # CPU seconds over all threads, and their ratio, so the gain that is not parallelism is visible too. The ratios need
-# an otherwise idle machine: on a busy one, ours gets fewer CPUs than it has threads.
+# an otherwise idle machine: on a busy one, ours gets fewer CPUs than it has threads. SYMBOLS_THREADS=1 in the
+# environment runs ours on one thread, as blazesym runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 elf="${1:-}"
