@@ -103,7 +103,7 @@ impl Functions {
 
 #[derive(Clone, Copy)]
 enum Scope {
-    /// A function's DIE, by index.
+    /// A function's DIE, whose inline ranges `open` collects until it closes.
     Function,
     /// An inlined call inside the current function.
     Inline,
