@@ -269,72 +269,28 @@ fn a_module_without_a_load_address_is_a_clear_error() {
 fn debian_kvm_ko() -> PathBuf {
     let dir = cache_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let newest = |dir: &Path, prefix: &str, suffix: &str| {
-        std::fs::read_dir(dir)
-            .ok()?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| {
-                let name = p
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned();
-                name.starts_with(prefix) && name.ends_with(suffix)
-            })
-            .max_by_key(|p| abi_number(&p.file_name().unwrap_or_default().to_string_lossy()))
-    };
-    if let Some(ko) = newest(&dir, "kvm-6.1.0-", "-cloud-amd64.ko") {
+    let cached = std::fs::read_dir(&dir)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("kvm-6.1.0-") && name.ends_with("-cloud-amd64.ko")
+        })
+        .max_by_key(|p| abi_number(&p.file_name().unwrap_or_default().to_string_lossy()));
+    if let Some(ko) = cached {
         return ko;
     }
-    let deb = match newest(&dir.join("dl"), "linux-image-6.1.0-", "_amd64.deb") {
-        Some(deb) => deb,
-        None => {
-            let download = dir.join("dl");
-            std::fs::create_dir_all(&download).unwrap();
-            let search = Command::new("apt-cache")
-                .args([
-                    "search",
-                    "--names-only",
-                    r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-dbg$",
-                ])
-                .output()
-                .expect("run apt-cache");
-            let package = String::from_utf8_lossy(&search.stdout)
-                .lines()
-                .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-                .max_by_key(|n| abi_number(n))
-                .expect("apt-cache knows no linux-image-6.1.0-*-cloud-amd64-dbg package (FAIL)");
-            let status = Command::new("apt-get")
-                .args(["download", "-q", &package])
-                .current_dir(&download)
-                .status()
-                .expect("run apt-get download");
-            assert!(status.success(), "apt-get download {package} failed (FAIL)");
-            newest(&download, "linux-image-6.1.0-", "_amd64.deb").expect("downloaded .deb")
-        }
-    };
-    let deb_name = deb.file_name().unwrap().to_string_lossy().into_owned();
-    let release = deb_name
-        .trim_start_matches("linux-image-")
-        .split("-dbg")
-        .next()
-        .unwrap()
-        .to_owned();
-    let partial = dir.join(format!("kvm-{release}.ko.partial-{}", std::process::id()));
-    let script = format!(
-        "dpkg-deb --fsys-tarfile '{}' | tar -x -O './usr/lib/debug/lib/modules/{release}/kernel/arch/x86/kvm/kvm.ko' > '{}'",
-        deb.display(),
-        partial.display()
-    );
-    let status = Command::new("sh").args(["-c", &script]).status().unwrap();
-    assert!(
-        status.success(),
-        "extracting kvm.ko from {} failed",
-        deb.display()
-    );
+    let deb = debian_dbg_deb();
+    let release = dbg_deb_release(&deb);
     let ko = dir.join(format!("kvm-{release}.ko"));
-    std::fs::rename(&partial, &ko).unwrap();
+    extract_from_deb(
+        &deb,
+        &format!("./usr/lib/debug/lib/modules/{release}/kernel/arch/x86/kvm/kvm.ko"),
+        &ko,
+    );
     ko
 }
 

@@ -433,6 +433,61 @@ fn find_or_download_debian_vmlinux() -> PathBuf {
         return dir.join(name);
     }
 
+    let deb = debian_dbg_deb();
+    let release = dbg_deb_release(&deb);
+
+    let vmlinux = dir.join(format!("vmlinux-{release}"));
+    extract_from_deb(
+        &deb,
+        &format!("./usr/lib/debug/boot/vmlinux-{release}"),
+        &vmlinux,
+    );
+    vmlinux
+}
+
+/// Extracts one file of a `.deb` to `dest`, through a partial file renamed into place when complete.
+pub fn extract_from_deb(deb: &Path, inner: &str, dest: &Path) {
+    let mut partial = dest.as_os_str().to_owned();
+    partial.push(format!(".partial-{}", std::process::id()));
+    let partial = PathBuf::from(partial);
+    let script = format!(
+        "dpkg-deb --fsys-tarfile '{}' | tar -x -O '{inner}' > '{}'",
+        deb.display(),
+        partial.display()
+    );
+    let status = Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .expect("run dpkg-deb | tar");
+    assert!(
+        status.success(),
+        "extracting {inner} from {} failed",
+        deb.display()
+    );
+    std::fs::rename(&partial, dest)
+        .unwrap_or_else(|e| panic!("cannot move {} into place: {e}", dest.display()));
+}
+
+/// The newest `linux-image-6.1.0-*-cloud-amd64-dbg` package in the cache's `dl/`, else the newest apt knows,
+/// downloaded there (kept: the vmlinux and kvm.ko tests both extract from it).
+pub fn debian_dbg_deb() -> PathBuf {
+    let download = cache_dir().join("dl");
+    std::fs::create_dir_all(&download)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", download.display()));
+    let newest = || {
+        std::fs::read_dir(&download)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                name.starts_with("linux-image-6.1.0-") && name.ends_with("_amd64.deb")
+            })
+            .max_by_key(|p| abi_number(&p.file_name().unwrap_or_default().to_string_lossy()))
+    };
+    if let Some(deb) = newest() {
+        return deb;
+    }
     let search = Command::new("apt-cache")
         .args([
             "search",
@@ -446,55 +501,26 @@ fn find_or_download_debian_vmlinux() -> PathBuf {
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .max_by_key(|n| abi_number(n))
         .expect("apt-cache knows no linux-image-6.1.0-*-cloud-amd64-dbg package: cannot run this test (FAIL)");
-    let release = package
-        .trim_start_matches("linux-image-")
-        .trim_end_matches("-dbg")
-        .to_owned();
-
-    let download_dir = dir.join(format!("download-{}", std::process::id()));
-    std::fs::create_dir_all(&download_dir).expect("create download dir");
     let status = Command::new("apt-get")
         .args(["download", "-q", &package])
-        .current_dir(&download_dir)
+        .current_dir(&download)
         .status()
         .expect("run apt-get download");
     assert!(
         status.success(),
         "apt-get download {package} failed: cannot run this test (FAIL)"
     );
-    let deb = std::fs::read_dir(&download_dir)
-        .expect("read download dir")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("apt-get download produced no .deb");
+    newest().expect("apt-get download produced no .deb")
+}
 
-    let partial = dir.join(format!("vmlinux-{release}.partial-{}", std::process::id()));
-    let script = format!(
-        "dpkg-deb --fsys-tarfile '{}' | tar -x -O './usr/lib/debug/boot/vmlinux-{release}' > '{}'",
-        deb.display(),
-        partial.display()
-    );
-    let status = Command::new("sh")
-        .args(["-c", &script])
-        .status()
-        .expect("run dpkg-deb | tar");
-    assert!(
-        status.success(),
-        "extracting vmlinux from {} failed",
-        deb.display()
-    );
-    let final_path = dir.join(format!("vmlinux-{release}"));
-    std::fs::rename(&partial, &final_path).expect("move vmlinux into the cache");
-    // Keep the package: the module tests (symbolize_module_ko) extract kvm.ko from it instead of downloading it again.
-    let keep = dir.join("dl");
-    if std::fs::create_dir_all(&keep).is_ok() {
-        if let Some(name) = deb.file_name() {
-            std::fs::rename(&deb, keep.join(name)).ok();
-        }
-    }
-    std::fs::remove_dir_all(&download_dir).ok();
-    final_path
+/// The kernel release (`6.1.0-N-cloud-amd64`) of a `linux-image-…-dbg_…_amd64.deb`.
+pub fn dbg_deb_release(deb: &Path) -> String {
+    let name = deb.file_name().unwrap_or_default().to_string_lossy();
+    name.trim_start_matches("linux-image-")
+        .split("-dbg")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// A small C program with inlining at -O2 (inline frames) and a cold function, compiled by the ELF and module tests.
