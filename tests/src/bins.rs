@@ -22,6 +22,15 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A finished command's stdout followed by its stderr, as one text (for assertions and failure messages).
+pub fn stdout_then_stderr(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Runs a command to completion, killing it after `limit`; returns its output and whether it was killed.
 pub fn run_with_deadline(cmd: &mut Command, limit: Duration) -> (Output, bool) {
     let mut child = cmd

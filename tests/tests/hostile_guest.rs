@@ -27,11 +27,7 @@ fn run_vmm(cmdline: &str) -> (Output, String) {
             .args(["--cmdline", cmdline]),
         VMM_LIMIT,
     );
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let all = integration_tests::bins::stdout_then_stderr(&out);
     println!("--- vmm output ({cmdline}) ---\n{all}");
     assert!(!killed, "vmm did not finish within {VMM_LIMIT:?}:\n{all}");
     assert!(!all.contains("panicked"), "the VMM panicked:\n{all}");

@@ -408,11 +408,7 @@ fn gdb_strings(gdb_sock: &Path, addrs: &[u64]) -> String {
     }
     gdb.args(["-ex", "detach"]);
     let (out, killed) = run_with_deadline(&mut gdb, Duration::from_secs(120));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = integration_tests::bins::stdout_then_stderr(&out);
     assert!(!killed && out.status.success(), "gdb:\n{text}");
     text
 }

@@ -359,11 +359,7 @@ fn every_guest_fault_mode_ends_non_zero_with_the_vcpu_state() {
             "--cmdline",
             &format!("fault={mode}"),
         ]);
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let all = integration_tests::bins::stdout_then_stderr(&out);
         assert!(!killed, "fault={mode} hung:\n{all}");
         assert_eq!(out.status.code(), Some(code), "fault={mode}:\n{all}");
         assert!(!all.contains("panicked"), "fault={mode}:\n{all}");

@@ -147,11 +147,7 @@ pub fn run_gdb_in_order(address: &str, commands: &[&str]) -> String {
 /// Runs a gdb command line to completion; stdout and stderr together.
 pub fn run_gdb_command(mut command: Command) -> String {
     let (out, killed) = run_with_deadline(&mut command, GDB_LIMIT);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = integration_tests::bins::stdout_then_stderr(&out);
     println!("--- gdb output ---\n{text}");
     assert!(!killed, "gdb did not finish:\n{text}");
     text
