@@ -22,6 +22,17 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A child process killed (and reaped) when dropped: a test that fails midway leaves no VMM behind (a paused VM
+/// would otherwise wait forever).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A finished command's stdout followed by its stderr, as one text (for assertions and failure messages).
 pub fn stdout_then_stderr(out: &Output) -> String {
     format!(

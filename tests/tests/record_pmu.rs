@@ -145,22 +145,13 @@ fn cpu_clock_names_the_default_sampler() {
     assert!(err.contains("unknown event 'instructions'"), "{err}");
 }
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `-e cycles --vm SOCKET` attaches to the vCPU threads the control socket names: those ids must be the VMM's
 /// vCPU threads (named vcpuN, in order), and the recording must then work or refuse as in-process.
 #[test]
 fn cycles_attaches_to_the_vcpu_threads_a_control_socket_names() {
     let dir = scratch("pmu-vm");
     let sock = dir.join("vm.sock");
-    let vmm = KillOnDrop(
+    let vmm = integration_tests::bins::KillOnDrop(
         Command::new(bin("vmm"))
             .args(["run", "--kernel"])
             .arg(guest_elf())

@@ -214,7 +214,7 @@ fn control_socket_serves_info_regs_pause_resume_with_mode_0600() {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("vm.sock");
     let elf = guest_elf();
-    let mut child = KillOnDrop(
+    let mut child = integration_tests::bins::KillOnDrop(
         Command::new(bin("vmm"))
             .args([
                 "run",
@@ -302,16 +302,6 @@ fn control_socket_serves_info_regs_pause_resume_with_mode_0600() {
     );
     assert!(!sock.exists(), "socket file left behind");
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// Kills the VMM if the test fails midway (a paused VM would otherwise wait forever).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Every `fault=` mode of the test guest under our VMM: a non-zero exit, a clear message, and the vCPU state (the
