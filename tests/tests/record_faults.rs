@@ -99,11 +99,7 @@ fn the_vmm_dying_mid_stream_leaves_a_complete_file() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "no control socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    integration_tests::bins::wait_until_exists(&sock, Duration::from_secs(30));
     let rec = Command::new(bin("perf-kvm"))
         .args(["record", "-F", "500", "-o"])
         .arg(&data)

@@ -293,11 +293,7 @@ fn spawn_vmm(dir: &Path, cmdline: &str) -> (Child, PathBuf) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "no control socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    integration_tests::bins::wait_until_exists(&sock, Duration::from_secs(30));
     (vm, sock)
 }
 

@@ -3,7 +3,7 @@
 mod stat_common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use stat_common::{guest_elf, perf_kvm, Scratch};
 
@@ -24,14 +24,7 @@ fn watches_a_running_vm_and_survives_its_end() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", vmm.display()));
-    let started = Instant::now();
-    while !sock.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the VM never opened its control socket"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    integration_tests::bins::wait_until_exists(&sock, Duration::from_secs(60));
 
     let out = Command::new(perf_kvm())
         .args([
@@ -96,14 +89,7 @@ fn top_and_record_attach_sample_and_detach_without_disturbing_the_vm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while !sock.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no control socket"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    integration_tests::bins::wait_until_exists(&sock, Duration::from_secs(60));
     // top in text mode for ~2 s (SIGINT ends it like Ctrl-C).
     let top = Command::new(perf_kvm())
         .args([
