@@ -187,18 +187,18 @@ impl ElfObject {
             .map(|(_, a)| a)
     }
 
-    /// Frames for a link-time address, innermost first. Empty when neither DWARF nor the symbol table knows it.
-    /// The containing function from the symbol table alone (no DWARF).
-    pub fn symbol_frames(&self, link_addr: u64, demangle: bool) -> Vec<Frame> {
-        let mut frames = Vec::new();
-        complete_from_symbols(
-            &self.symtab,
-            link_addr,
-            &mut frames,
-            demangle,
-            &mut Cursor::default(),
-        );
-        frames
+    /// For each link-time address of a sorted batch, its containing function from the symbol table alone (no
+    /// DWARF); empty where the table has none.
+    pub fn symbol_frames_batch(&self, link_addrs: &[u64], demangle: bool) -> Vec<Vec<Frame>> {
+        let mut cursor = Cursor::default();
+        link_addrs
+            .iter()
+            .map(|&a| {
+                let mut frames = Vec::new();
+                complete_from_symbols(&self.symtab, a, &mut frames, demangle, &mut cursor);
+                frames
+            })
+            .collect()
     }
 
     /// Frames for each link-time address of a sorted, duplicate-free batch, innermost first; empty when neither
@@ -224,17 +224,7 @@ impl ElfObject {
                 &complete,
                 threads,
             ),
-            None => {
-                let mut cursor = Cursor::default();
-                link_addrs
-                    .iter()
-                    .map(|&a| {
-                        let mut frames = Vec::new();
-                        complete(a, &mut frames, &mut cursor);
-                        frames
-                    })
-                    .collect()
-            }
+            None => self.symbol_frames_batch(link_addrs, demangle),
         }
     }
 

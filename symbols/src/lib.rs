@@ -337,10 +337,7 @@ impl Symbolizer {
             held.sort_unstable_by_key(|&(_, link_addr)| link_addr);
             let link_addrs: Vec<u64> = held.iter().map(|&(_, a)| a).collect();
             let frames = if self.symbols_only {
-                link_addrs
-                    .iter()
-                    .map(|&a| elf.symbol_frames(a, self.demangle))
-                    .collect()
+                elf.symbol_frames_batch(&link_addrs, self.demangle)
             } else {
                 elf.frames_batch(
                     &link_addrs,
