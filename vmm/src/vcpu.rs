@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use gdbstub_kvm::{StopEvent, StopReason};
 use kvm_bindings::{
-    kvm_debug_exit_arch, kvm_guest_debug, kvm_run, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
+    kvm_debug_exit_arch, kvm_guest_debug, kvm_regs, kvm_run, kvm_sregs, KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
@@ -224,6 +225,26 @@ impl Vcpu {
     }
 
     /// Full register state through ioctls (debugger and crash paths; the sampler uses sync regs instead).
+    /// `f` of the general and special registers as the last exit left them: from the sync regs KVM fills in
+    /// `kvm_run` on every exit (no ioctl) where the host has them, else `KVM_GET_REGS`/`KVM_GET_SREGS` (`None` if
+    /// those fail). Valid only until something changes the vCPU's registers after the exit.
+    pub(crate) fn with_exit_regs<T>(
+        &mut self,
+        f: impl FnOnce(&kvm_regs, &kvm_sregs) -> T,
+    ) -> Option<T> {
+        if self.use_sync_regs {
+            let run = self.fd.get_kvm_run();
+            // SAFETY: kvm_valid_regs asked KVM to fill `s.regs` (regs and sregs) on every exit; the union is plain
+            // data.
+            let synced = unsafe { &run.s.regs };
+            return Some(f(&synced.regs, &synced.sregs));
+        }
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => Some(f(&r, &s)),
+            _ => None,
+        }
+    }
+
     pub fn registers(&self, with_fpu: bool) -> Result<GuestRegisters, VcpuError> {
         let regs = self.fd.get_regs().map_err(self.ioctl_err("KVM_GET_REGS"))?;
         let sregs = self
@@ -424,35 +445,18 @@ impl Vcpu {
             sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let (rip, rbp, cs, ctx) = if self.use_sync_regs {
-            let run = self.fd.get_kvm_run();
-            // SAFETY: kvm_valid_regs asked KVM to fill `s.regs` on every exit; the union is plain data.
-            let s = unsafe { &run.s.regs };
+        let read = self.with_exit_regs(|r, s| {
             let ctx = PagingContext {
-                cr0: s.sregs.cr0,
-                cr3: s.sregs.cr3,
-                cr4: s.sregs.cr4,
-                efer: s.sregs.efer,
+                cr0: s.cr0,
+                cr3: s.cr3,
+                cr4: s.cr4,
+                efer: s.efer,
             };
-            (s.regs.rip, s.regs.rbp, s.sregs.cs.selector, ctx)
-        } else {
-            match (self.fd.get_regs(), self.fd.get_sregs()) {
-                (Ok(r), Ok(s)) => (
-                    r.rip,
-                    r.rbp,
-                    s.cs.selector,
-                    PagingContext {
-                        cr0: s.cr0,
-                        cr3: s.cr3,
-                        cr4: s.cr4,
-                        efer: s.efer,
-                    },
-                ),
-                _ => {
-                    sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            }
+            (r.rip, r.rbp, s.cs.selector, ctx)
+        });
+        let Some((rip, rbp, cs, ctx)) = read else {
+            sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
+            return;
         };
         let callchain = if sink.callchains {
             walk_frame_pointers(&self.mem, &ctx, rbp, MAX_CALLCHAIN)

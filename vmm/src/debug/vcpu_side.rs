@@ -214,20 +214,10 @@ impl Vcpu {
         Ok(())
     }
 
-    /// The registers right after an exit, for a stop report: from the sync regs KVM filled in `kvm_run` (no
-    /// ioctl) where the host has them, else `GET_REGS`/`GET_SREGS`. Without the FPU/SSE state and `k_gs_base`,
-    /// which gdb rarely wants at a step (the gdb thread asks for them then). Only valid before anything else
-    /// changes the vCPU's registers after the exit.
+    /// The registers right after an exit, for a stop report (see [`Vcpu::with_exit_regs`]). Without the
+    /// FPU/SSE state and `k_gs_base`, which gdb rarely wants at a step (the gdb thread asks for them then).
     fn exit_registers(&mut self) -> Option<ReportedRegisters> {
-        let regs = if self.use_sync_regs {
-            let run = self.fd.get_kvm_run();
-            // SAFETY: `kvm_valid_regs` asks KVM to fill `s.regs` (regs and sregs) on every exit; the union is
-            // plain data.
-            let synced = unsafe { &run.s.regs };
-            crate::regs::from_kvm(&synced.regs, &synced.sregs, None, 0)
-        } else {
-            self.registers(false).ok()?
-        };
+        let regs = self.with_exit_regs(|r, s| crate::regs::from_kvm(r, s, None, 0))?;
         Some(ReportedRegisters {
             regs,
             complete: false,
