@@ -15,6 +15,7 @@ rounds=${3:-5}
 cargo build --release -p vmm >&2
 vmm="${CARGO_TARGET_DIR:-target}/release/vmm"
 guest=$(scripts/build-guest)
+qemu_cpu=$(scripts/qemu-kvm-cpu)  # the first -cpu model this host's KVM accepts (host where it can)
 # kernel_spin keeps the vCPU in ring 0 (emulated on PVM hosts); long enough to outlive the measurement.
 cmdline="work=kernel_spin:100 secs=300"
 work=$(mktemp -d)
@@ -79,7 +80,7 @@ start_ours() { # → gdb address; the VMM prints the port it bound
 start_qemu() { # → gdb address
     local port
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    qemu-system-x86_64 -enable-kvm -M microvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -display none \
+    qemu-system-x86_64 -enable-kvm -M microvm -cpu "$qemu_cpu" -m 256 -smp 1 -nodefaults -no-user-config -display none \
         -serial null -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel "$guest" \
         -append "$cmdline" -gdb "tcp:127.0.0.1:$port" -S 2>"$work/qemu.err" &
     pids+=($!)

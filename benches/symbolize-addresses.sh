@@ -4,7 +4,7 @@
 # Prints the newest cached Debian cloud vmlinux (tests/tests/symbolize_debian_vmlinux.rs fetches it), or nothing.
 cached_debian_vmlinux() {
     local dir found
-    for dir in "${KVM_PROF_CACHE:-}" "${XDG_CACHE_HOME:+$XDG_CACHE_HOME/kvm-prof}" /var/cache/kvm-prof "$HOME/.cache/kvm-prof"; do
+    for dir in "${KVM_PROF_CACHE:-}" "${XDG_CACHE_HOME:+$XDG_CACHE_HOME/kvm-prof}" "$HOME/.cache/kvm-prof"; do
         [ -n "$dir" ] || continue
         found="$(ls "$dir"/vmlinux-6.1.0-*-cloud-amd64 2>/dev/null | sort -V | tail -1 || true)"
         if [ -n "$found" ]; then echo "$found"; return; fi

@@ -10,13 +10,17 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use gdb_common::{
-    collect_lines, gdb_command, hex_value_after, is_pvm_host, run_gdb, Vmm, GDB_LIMIT,
-    INTERRUPT_ATTEMPTS, TO_KERNEL_SPIN,
+    check_breakpoints_refused, collect_lines, gdb_command, hex_value_after,
+    host_stops_at_breakpoints, is_pvm_host, run_gdb, Vmm, GDB_LIMIT, INTERRUPT_ATTEMPTS,
+    TO_KERNEL_SPIN,
 };
 
 #[test]
 fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
     let vmm = Vmm::start("work=kernel_spin:100 secs=1", "2");
+    if !host_stops_at_breakpoints() {
+        return check_breakpoints_refused(vmm);
+    }
     let out = run_gdb(
         &vmm.address,
         &[
@@ -146,6 +150,9 @@ fn breakpoints_backtrace_registers_memory_and_stepi_on_two_vcpus() {
 #[test]
 fn watchpoints_by_page_protection_report_values() {
     let vmm = Vmm::start("work=kernel_spin:100 secs=1", "1");
+    if !host_stops_at_breakpoints() {
+        return check_breakpoints_refused(vmm);
+    }
     let out = run_gdb(
         &vmm.address,
         &[
@@ -194,6 +201,9 @@ fn watchpoints_by_page_protection_report_values() {
 #[test]
 fn user_breakpoints_follow_the_host_and_interrupt_stops_every_vcpu() {
     let vmm = Vmm::start("work=kernel_spin:50,user_hot_a:50 secs=2", "2");
+    if !host_stops_at_breakpoints() {
+        return check_breakpoints_refused(vmm);
+    }
     let mut gdb_cmd = gdb_command(
         &vmm.address,
         &[
@@ -300,4 +310,80 @@ fn guest_exit_and_crash_reach_gdb() {
     let (code, _, stderr) = vmm.finish();
     assert_eq!(code, Some(1), "the crash ends the VM once gdb is gone");
     assert!(stderr.contains("guest crashed"));
+}
+
+/// Without any breakpoint: attach to a running guest, stop after a ring-3 store with a watchpoint (page
+/// protection), then single-step there. Ring-3 steps reach the VMM on VMX/SVM hosts (the SVM lane proves it) and are
+/// refused with a reason on PVM hosts, which deliver them to the guest.
+#[test]
+fn ring3_steps_after_a_user_watchpoint_follow_the_host() {
+    let vmm = Vmm::start_running("work=kernel_spin:20,user_hot_a:80 secs=30", "2");
+    let started = std::time::Instant::now();
+    while !vmm
+        .stdout
+        .recv_timeout(GDB_LIMIT)
+        .expect("guest output")
+        .contains("guest: workload start")
+    {
+        assert!(started.elapsed() < GDB_LIMIT, "the workload never started");
+    }
+    let out = run_gdb(
+        &vmm.address,
+        &[
+            "set language c",
+            "info threads",
+            "watch *(unsigned long *)&user_counter",
+            "continue",
+            "echo cpl-after-watch\\n",
+            "p $cs & 3",
+            "delete",
+            "echo pc-before-step\\n",
+            "p/x $pc",
+            "stepi",
+            "echo pc-after-step\\n",
+            "p/x $pc",
+            "stepi",
+            "echo pc-after-step2\\n",
+            "p/x $pc",
+            "echo cpl-after-steps\\n",
+            "p $cs & 3",
+            "kill",
+        ],
+    );
+    let threads = out.lines().filter(|l| l.contains("(vCPU ")).count();
+    assert!(threads >= 2, "info threads lists both vCPUs");
+    assert!(out.contains("Hardware watchpoint 1: *(unsigned long *)&user_counter"));
+    let cpl = |marker: &str| {
+        let tail = &out[out
+            .find(marker)
+            .unwrap_or_else(|| panic!("{marker} in:\n{out}"))..];
+        tail.lines()
+            .find(|l| l.starts_with('$'))
+            .expect("p $cs & 3")
+            .ends_with("= 3")
+    };
+    assert!(
+        cpl("cpl-after-watch"),
+        "the watchpoint stopped the ring-3 store"
+    );
+    let before = hex_value_after(&out, "pc-before-step");
+    let after = hex_value_after(&out, "pc-after-step\n");
+    let after2 = hex_value_after(&out, "pc-after-step2");
+    let refused = out.contains("cannot be stepped from the VMM");
+    if is_pvm_host() {
+        assert!(refused, "a ring-3 step is refused on PVM with the reason");
+        assert_eq!(after, before, "the refused step left RIP alone");
+    } else {
+        assert!(!refused, "ring-3 steps work on this host");
+        assert_ne!(after, before, "the first ring-3 step moved RIP");
+        assert_ne!(after2, after, "the second ring-3 step moved RIP");
+        assert!(
+            after >> 47 == 0 && after2 >> 47 == 0,
+            "steps stayed in user space"
+        );
+        assert!(
+            cpl("cpl-after-steps"),
+            "still in ring 3 (interrupts held back)"
+        );
+    }
 }

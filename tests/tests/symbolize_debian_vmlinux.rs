@@ -2,9 +2,10 @@
 //! of `.rela.debug_*` we must not pay for), against binutils `addr2line` and `llvm-symbolizer` on 2,500 addresses
 //! inside kernel functions.
 //!
-//! The vmlinux is downloaded once (`apt-get download` + `dpkg-deb --fsys-tarfile | tar -x` of just the vmlinux) and
-//! cached in `$KVM_PROF_CACHE`, else `$XDG_CACHE_HOME/kvm-prof`, else `/var/cache/kvm-prof` when writable, else
-//! `~/.cache/kvm-prof`. If it can be neither found nor downloaded the test FAILS: it never passes without comparing.
+//! The vmlinux is downloaded once (`apt-get download` + `dpkg-deb --fsys-tarfile | tar -x` of just the vmlinux), for
+//! the release `scripts/fetch-debian-kernel release` names, and cached in `$KVM_PROF_CACHE`, else
+//! `$XDG_CACHE_HOME/kvm-prof`, else `~/.cache/kvm-prof`. If it can be neither found nor downloaded the test FAILS: it
+//! never passes without comparing.
 
 mod symbolize_common;
 

@@ -264,34 +264,13 @@ fn a_module_without_a_load_address_is_a_clear_error() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// Debian's kvm.ko with DWARF, from the cached `linux-image-6.1.0-*-cloud-amd64-dbg` package (downloaded with
-/// `apt-get download` when the cache has no .deb), extracted once into the cache.
+/// Debian's kvm.ko with DWARF, from the release's `-dbg` package (`debian_dbg_file`), extracted once into the cache.
 fn debian_kvm_ko() -> PathBuf {
-    let dir = cache_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let cached = std::fs::read_dir(&dir)
-        .ok()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with("kvm-6.1.0-") && name.ends_with("-cloud-amd64.ko")
-        })
-        .max_by_key(|p| abi_number(&p.file_name().unwrap_or_default().to_string_lossy()));
-    if let Some(ko) = cached {
-        return ko;
-    }
-    let deb = debian_dbg_deb();
-    let release = dbg_deb_release(&deb);
-    let ko = dir.join(format!("kvm-{release}.ko"));
-    extract_from_deb(
-        &deb,
+    let release = debian_release();
+    debian_dbg_file(
         &format!("./usr/lib/debug/lib/modules/{release}/kernel/arch/x86/kvm/kvm.ko"),
-        &ko,
-    );
-    ko
+        &format!("kvm-{release}.ko"),
+    )
 }
 
 /// 2,000 addresses inside kvm.ko's `.text` functions, its `.text` placed at a module address by a /proc/modules

@@ -353,7 +353,17 @@ fn every_guest_fault_mode_ends_non_zero_with_the_vcpu_state() {
         assert!(!killed, "fault={mode} hung:\n{all}");
         assert_eq!(out.status.code(), Some(code), "fault={mode}:\n{all}");
         assert!(!all.contains("panicked"), "fault={mode}:\n{all}");
+        // SVM hosts reset a vCPU at a triple fault: the report says its registers are the reset values, and only
+        // there may it lack the faulting function.
+        let reset = all.contains("these are the vCPU's reset values");
+        assert!(
+            !reset || std::path::Path::new("/sys/module/kvm_amd").exists(),
+            "fault={mode}: reset registers on a host that keeps the faulting state:\n{all}"
+        );
         for e in expect {
+            if reset && *e == "<guest::fault::" {
+                continue;
+            }
             assert!(all.contains(e), "fault={mode}: missing {e:?} in:\n{all}");
         }
     }

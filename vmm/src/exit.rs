@@ -97,6 +97,18 @@ pub fn suberror_name(suberror: u32) -> &'static str {
     }
 }
 
+/// Whether registers read after a `KVM_EXIT_SHUTDOWN` are the x86 reset state (CS 0xf000, RIP 0xfff0, paging
+/// off) rather than the state that triple-faulted: SVM's KVM re-initializes the VMCB on a shutdown intercept (the
+/// VMCB is undefined after one), so on AMD hosts the faulting state is gone; VMX and PVM keep it.
+pub fn is_reset_state(regs: &GuestRegisters) -> bool {
+    regs.rip == 0xfff0 && regs.cs.selector == 0xf000 && regs.cr0 & 1 << 31 == 0
+}
+
+/// The line a crash report gets when [`is_reset_state`] holds after a triple fault.
+pub const RESET_AFTER_SHUTDOWN: &str =
+    "  (these are the vCPU's reset values: this host's KVM re-initializes a vCPU \
+     at a triple fault, as SVM does, so the state that faulted is lost)";
+
 /// The crash report printed when a VM dies: every register a kernel engineer looks at first, and the code at RIP.
 pub fn crash_report(
     vcpu: usize,
@@ -202,6 +214,25 @@ mod tests {
             report: String::new(),
         };
         assert_eq!(crash.exit_code(), 1);
+    }
+
+    #[test]
+    fn reset_state_after_an_svm_shutdown_is_recognized() {
+        let mut r = GuestRegisters {
+            rip: 0xfff0,
+            cr0: 0x10,
+            ..Default::default()
+        };
+        r.cs.selector = 0xf000;
+        assert!(is_reset_state(&r));
+        r.cr0 |= 1 << 31;
+        assert!(!is_reset_state(&r), "paging on: not the reset state");
+        let kernel = GuestRegisters {
+            rip: 0xffff_ffff_8100_0000,
+            cr0: 0x8000_0011,
+            ..Default::default()
+        };
+        assert!(!is_reset_state(&kernel));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum Int3Delivery {
     DebugExit,
     /// `KVM_EXIT_INTERNAL_ERROR` with the instruction bytes (PVM): the VMM recovers it.
     InternalError,
+    /// The guest's own #BP handler: the host's KVM does not intercept it (measured under QEMU's TCG SVM, whose
+    /// `int3` skips the #BP intercept). A planted int3 would crash the guest instead of stopping it.
+    Guest,
     /// Something else (the probe could not tell).
     Unknown,
 }
@@ -73,6 +76,9 @@ pub struct HostCaps {
     /// cannot run at CPL0; they are hidden from guests.
     pub unrunnable: Vec<GatedFeature>,
     pub int3: Int3Delivery,
+    /// A DR0 execute breakpoint armed with `KVM_GUESTDBG_USE_HW_BP` stops CPL0 code with `KVM_EXIT_DEBUG`
+    /// (measured by a snippet: true on hardware and PVM, false under QEMU's TCG SVM). Where not, `hbreak` is refused.
+    pub hw_exec_breakpoints: bool,
     /// A DR7 write watch armed with `KVM_GUESTDBG_USE_HW_BP` stops a CPL0 store with `KVM_EXIT_DEBUG` (measured
     /// by a snippet). Where not, the debugger watches memory by page protection instead.
     pub data_breakpoints: bool,
@@ -176,6 +182,7 @@ impl HostCaps {
             xsave_cpuid_leaks: snippets.xsave_cpuid_leaks,
             unrunnable: snippets.unrunnable,
             int3: snippets.int3,
+            hw_exec_breakpoints: snippets.hw_exec_breakpoints,
             data_breakpoints: snippets.data_breakpoints,
         })
     }
@@ -185,6 +192,7 @@ impl fmt::Display for HostCaps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let yn = |b: bool| if b { "yes" } else { "no" };
         writeln!(f, "KVM API version        {}", self.api_version)?;
+        writeln!(f, "host kind              {}", host_kind())?;
         writeln!(f, "PVM (no VMX/SVM)       {}", yn(self.pvm))?;
         writeln!(
             f,
@@ -248,6 +256,15 @@ impl fmt::Display for HostCaps {
         }
         writeln!(
             f,
+            "exec breakpoints (DR)  {}",
+            if self.hw_exec_breakpoints {
+                "yes (gdb hbreak uses DR0-3)"
+            } else {
+                "no: DR execute breakpoints never stop the guest here (gdb hbreak is refused)"
+            }
+        )?;
+        writeln!(
+            f,
             "data breakpoints       {}",
             if self.data_breakpoints {
                 "yes (gdb watchpoints use DR0-3 where they fit)"
@@ -261,9 +278,42 @@ impl fmt::Display for HostCaps {
             match self.int3 {
                 Int3Delivery::DebugExit => "KVM_EXIT_DEBUG",
                 Int3Delivery::InternalError => "KVM_EXIT_INTERNAL_ERROR (recovered by the VMM)",
+                Int3Delivery::Guest =>
+                    "the guest's #BP handler: not intercepted by this host (gdb `break` is refused)",
                 Int3Delivery::Unknown => "unknown",
             }
         )
+    }
+}
+
+/// Which KVM module serves /dev/kvm, and with it the hardware it runs on, as `vmm probe` names it: read from
+/// /sys/module (a host may load several KVM modules; the vendor module that is loaded is the one in use).
+pub fn host_kind() -> String {
+    let module = |m: &str| std::path::Path::new("/sys/module").join(m);
+    let param = |m: &str, p: &str| {
+        std::fs::read_to_string(module(m).join("parameters").join(p))
+            .map(|v| matches!(v.trim(), "Y" | "1"))
+            .ok()
+    };
+    let yn = |v: Option<bool>| match v {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    };
+    if module("kvm_pvm").exists() {
+        "PVM (kvm_pvm: KVM without VMX/SVM; guest ring 0 emulated)".into()
+    } else if module("kvm_amd").exists() {
+        format!(
+            "AMD SVM (kvm_amd; nested paging {})",
+            yn(param("kvm_amd", "npt"))
+        )
+    } else if module("kvm_intel").exists() {
+        format!(
+            "Intel VMX (kvm_intel; EPT {})",
+            yn(param("kvm_intel", "ept"))
+        )
+    } else {
+        "unknown (no kvm_pvm, kvm_amd or kvm_intel module)".into()
     }
 }
 
@@ -281,6 +331,8 @@ pub fn host_has_pmu(supported: &CpuId, pmu_capability: i32) -> bool {
 
 const SNIPPET_CODE: u64 = 0x10000;
 const SNIPPET_DATA: u64 = 0x20000;
+/// vCPU id of the execute-breakpoint snippet (after the gated-feature snippets, 5 + n).
+const HW_EXEC_SNIPPET: u64 = 30;
 
 /// A CPUID feature bit, and whether the host shows it to guests even when the VMM's table clears it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,6 +445,7 @@ struct SnippetResults {
     xsave_cpuid_leaks: bool,
     unrunnable: Vec<GatedFeature>,
     int3: Int3Delivery,
+    hw_exec_breakpoints: bool,
     data_breakpoints: bool,
 }
 
@@ -403,6 +456,7 @@ impl SnippetResults {
             "xsave_cpuid_leaks": self.xsave_cpuid_leaks,
             "unrunnable": self.unrunnable.iter().map(|g| (g.name, g.cpuid_leaks)).collect::<Vec<_>>(),
             "int3": format!("{:?}", self.int3),
+            "hw_exec_breakpoints": self.hw_exec_breakpoints,
             "data_breakpoints": self.data_breakpoints,
         })
     }
@@ -418,6 +472,7 @@ impl SnippetResults {
         let int3 = match v.get("int3")?.as_str()? {
             "DebugExit" => Int3Delivery::DebugExit,
             "InternalError" => Int3Delivery::InternalError,
+            "Guest" => Int3Delivery::Guest,
             "Unknown" => Int3Delivery::Unknown,
             _ => return None,
         };
@@ -442,6 +497,7 @@ impl SnippetResults {
             xsave_cpuid_leaks: v.get("xsave_cpuid_leaks")?.as_bool()?,
             unrunnable,
             int3,
+            hw_exec_breakpoints: v.get("hw_exec_breakpoints")?.as_bool()?,
             data_breakpoints: v.get("data_breakpoints")?.as_bool()?,
         })
     }
@@ -461,6 +517,7 @@ fn run_snippets(
         xsave_cpuid_leaks: false,
         unrunnable: Vec::new(),
         int3: Int3Delivery::Unknown,
+        hw_exec_breakpoints: true,
         data_breakpoints: false,
     };
     let Some((vm, mem)) = probe_vm(kvm) else {
@@ -561,8 +618,26 @@ fn run_snippets(
     ) {
         Some(SnippetExit::Debug) => Int3Delivery::DebugExit,
         Some(SnippetExit::InternalError) => Int3Delivery::InternalError,
+        Some(SnippetExit::Shutdown) => Int3Delivery::Guest,
         _ => Int3Delivery::Unknown,
     };
+    // nop; nop; hlt — with DR0 an execute breakpoint on the second nop: a debug exit means they fire.
+    let mut dbg = kvm_guest_debug {
+        control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+        ..Default::default()
+    };
+    dbg.arch.debugreg[0] = SNIPPET_CODE + HW_EXEC_SNIPPET * 0x100 + 1;
+    dbg.arch.debugreg[7] = 0x602; // GE, G0, RW0 = 00 (execute), LEN0 = 00
+    r.hw_exec_breakpoints = run_one(
+        &vm,
+        &mem,
+        HW_EXEC_SNIPPET,
+        &[0x90, 0x90, 0xf4],
+        Snippet {
+            guest_debug: Some(dbg),
+            ..Default::default()
+        },
+    ) == Some(SnippetExit::Debug);
     // mov qword [rdi], 1; hlt — under an 8-byte DR0 write watch on [rdi]: a debug exit means data breakpoints fire.
     let watched = SNIPPET_DATA + 4 * 0x1000;
     let mut dbg = kvm_guest_debug {
@@ -601,6 +676,8 @@ enum SnippetExit {
     Hlt,
     Debug,
     InternalError,
+    /// A triple fault: the snippet VM has no IDT, so an exception delivered to the guest ends here.
+    Shutdown,
     Other,
 }
 
@@ -676,6 +753,7 @@ fn run_one(
         Ok(VcpuExit::Hlt) => SnippetExit::Hlt,
         Ok(VcpuExit::Debug(_)) => SnippetExit::Debug,
         Ok(VcpuExit::InternalError) => SnippetExit::InternalError,
+        Ok(VcpuExit::Shutdown) => SnippetExit::Shutdown,
         _ => SnippetExit::Other,
     };
     Some(exit)
@@ -705,6 +783,7 @@ pub(crate) mod tests {
             xsave_cpuid_leaks: false,
             unrunnable: Vec::new(),
             int3: Int3Delivery::DebugExit,
+            hw_exec_breakpoints: true,
             data_breakpoints: true,
         }
     }
@@ -722,12 +801,29 @@ pub(crate) mod tests {
                 cpuid_leaks: true,
             }],
             int3: Int3Delivery::InternalError,
+            hw_exec_breakpoints: true,
             data_breakpoints: false,
         };
         assert_eq!(SnippetResults::from_json(pvm.to_json()), Some(pvm));
+        // What QEMU's TCG SVM gives: int3 reaches the guest, no DR breakpoint fires.
+        let tcg_svm = SnippetResults {
+            xsave: Emulation::Runs,
+            xsave_cpuid_leaks: false,
+            unrunnable: Vec::new(),
+            int3: Int3Delivery::Guest,
+            hw_exec_breakpoints: false,
+            data_breakpoints: false,
+        };
+        assert_eq!(SnippetResults::from_json(tcg_svm.to_json()), Some(tcg_svm));
+        // An entry stored before the execute-breakpoint snippet existed is probed afresh.
+        let older = serde_json::json!({
+            "xsave": "Runs", "xsave_cpuid_leaks": false, "unrunnable": [],
+            "int3": "DebugExit", "data_breakpoints": true,
+        });
+        assert_eq!(SnippetResults::from_json(older), None);
         let unknown_feature = serde_json::json!({
             "xsave": "Runs", "xsave_cpuid_leaks": false, "unrunnable": [["sse9", false]],
-            "int3": "DebugExit", "data_breakpoints": true,
+            "int3": "DebugExit", "hw_exec_breakpoints": true, "data_breakpoints": true,
         });
         assert_eq!(SnippetResults::from_json(unknown_feature), None);
     }

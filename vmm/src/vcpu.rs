@@ -346,7 +346,19 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) => Some(VmEnd::GuestReset),
-            Ok(VcpuExit::Shutdown) => Some(self.crash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
+            Ok(VcpuExit::Shutdown) => {
+                let mut end = self.crash("triple fault (KVM_EXIT_SHUTDOWN)".into());
+                if let VmEnd::Crash { report, .. } = &mut end {
+                    if self
+                        .registers(false)
+                        .is_ok_and(|r| exit::is_reset_state(&r))
+                    {
+                        report.push('\n');
+                        report.push_str(exit::RESET_AFTER_SHUTDOWN);
+                    }
+                }
+                Some(end)
+            }
             Ok(VcpuExit::SystemEvent(..)) => Some(VmEnd::GuestReset),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.crash(format!(
                 "VM entry failed (hardware reason {reason:#x} on host cpu {cpu})"

@@ -381,10 +381,8 @@ pub fn addresses_inside_functions(functions: &[(u64, u64, String)], count: usize
         .collect()
 }
 
-/// Debian's `linux-image-6.1.0-*-cloud-amd64-dbg` vmlinux, downloaded once (`apt-get download` + `dpkg-deb
-/// --fsys-tarfile | tar -x` of just the vmlinux) and cached in `$KVM_PROF_CACHE`, else `$XDG_CACHE_HOME/kvm-prof`,
-/// else `/var/cache/kvm-prof` when writable, else `~/.cache/kvm-prof`. Panics (the test FAILS) when it can be neither
-/// found nor downloaded.
+/// The fixture cache, by `scripts/fetch-debian-kernel`'s rule: `$KVM_PROF_CACHE`, else `$XDG_CACHE_HOME/kvm-prof`,
+/// else `~/.cache/kvm-prof`.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("KVM_PROF_CACHE") {
         return PathBuf::from(dir);
@@ -392,57 +390,124 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("kvm-prof");
     }
-    let system = PathBuf::from("/var/cache/kvm-prof");
-    if std::fs::create_dir_all(&system).is_ok() && is_writable(&system) {
-        return system;
-    }
     PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kvm-prof")
 }
 
-fn is_writable(dir: &Path) -> bool {
-    let probe = dir.join(format!(".probe-{}", std::process::id()));
-    let ok = std::fs::write(&probe, b"").is_ok();
-    std::fs::remove_file(&probe).ok();
-    ok
+/// The Debian kernel release every fixture uses (`6.1.0-N-cloud-amd64`): `scripts/fetch-debian-kernel release`
+/// chooses it (pinned, else the newest with both -unsigned and -dbg packages), so the -dbg vmlinux here and the
+/// bzImage the boot tests run are one build.
+pub fn debian_release() -> String {
+    static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RELEASE
+        .get_or_init(|| {
+            let out =
+                Command::new(integration_tests::repo_root().join("scripts/fetch-debian-kernel"))
+                    .arg("release")
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .expect("run scripts/fetch-debian-kernel release");
+            assert!(
+                out.status.success(),
+                "scripts/fetch-debian-kernel release failed: cannot run this test (FAIL)"
+            );
+            String::from_utf8(out.stdout)
+                .expect("utf-8")
+                .trim()
+                .to_owned()
+        })
+        .clone()
 }
 
-/// ABI number of a `vmlinux-6.1.0-N-cloud-amd64` or `linux-image-6.1.0-N-cloud-amd64-dbg` name.
-pub fn abi_number(name: &str) -> Option<u32> {
-    let rest = name.split("6.1.0-").nth(1)?;
-    rest.split('-').next()?.parse().ok()
-}
-
-/// The newest cached vmlinux, else the newest package apt knows, downloaded and extracted into the cache.
+/// Debian's `linux-image-RELEASE-dbg` vmlinux (.symtab and DWARF), extracted once into the cache. Panics (the test
+/// FAILS) when it can be neither found nor downloaded.
 pub fn debian_vmlinux() -> PathBuf {
-    // Tests of one binary run in parallel threads: download once per process.
+    // Tests of one binary run in parallel threads: extract once per process.
     static VMLINUX: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    VMLINUX.get_or_init(find_or_download_debian_vmlinux).clone()
+    VMLINUX
+        .get_or_init(|| {
+            let release = debian_release();
+            debian_dbg_file(
+                &format!("./usr/lib/debug/boot/vmlinux-{release}"),
+                &format!("vmlinux-{release}"),
+            )
+        })
+        .clone()
 }
 
-fn find_or_download_debian_vmlinux() -> PathBuf {
+/// One file of the release's -dbg package (`inner`, a path inside the .deb), cached as `name`: the package is
+/// downloaded once into the cache's `dl/` (kept: the vmlinux and kvm.ko tests both extract from it). Safe when
+/// several test processes ask at once on an empty cache: they take turns under a lock, the download lands in a
+/// private directory, and each file appears by a rename only when it is whole.
+pub fn debian_dbg_file(inner: &str, name: &str) -> PathBuf {
+    let release = debian_release();
     let dir = cache_dir();
-    std::fs::create_dir_all(&dir)
-        .unwrap_or_else(|e| panic!("cannot create cache {}: {e}", dir.display()));
-    let cached = std::fs::read_dir(&dir)
-        .expect("read cache dir")
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("vmlinux-6.1.0-") && n.ends_with("-cloud-amd64"))
-        .max_by_key(|n| abi_number(n));
-    if let Some(name) = cached {
-        return dir.join(name);
+    let dest = dir.join(name);
+    let download = dir.join("dl");
+    std::fs::create_dir_all(&download)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", download.display()));
+    let _lock = CacheLock::take(&dir.join(".debian-dbg.lock"));
+    if dest.exists() {
+        return dest;
     }
+    let package = format!("linux-image-{release}-dbg");
+    let cached_deb = || {
+        std::fs::read_dir(&download)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                let file = p.file_name().unwrap_or_default().to_string_lossy();
+                file.starts_with(&format!("{package}_")) && file.ends_with("_amd64.deb")
+            })
+    };
+    let deb = match cached_deb() {
+        Some(deb) => deb,
+        None => {
+            let private = download.join(format!(".partial-{}", std::process::id()));
+            std::fs::create_dir_all(&private).expect("create a private download directory");
+            let status = Command::new("apt-get")
+                .args(["download", "-q", &package])
+                .current_dir(&private)
+                .status()
+                .expect("run apt-get download");
+            assert!(
+                status.success(),
+                "apt-get download {package} failed: cannot run this test (FAIL)"
+            );
+            let got = std::fs::read_dir(&private)
+                .expect("read the private download directory")
+                .filter_map(|e| e.ok())
+                .find(|e| e.file_name().to_string_lossy().ends_with(".deb"))
+                .expect("apt-get download produced no .deb");
+            let deb = download.join(got.file_name());
+            std::fs::rename(got.path(), &deb).expect("move the .deb into the cache");
+            std::fs::remove_dir_all(&private).ok();
+            deb
+        }
+    };
+    extract_from_deb(&deb, inner, &dest);
+    dest
+}
 
-    let deb = debian_dbg_deb();
-    let release = dbg_deb_release(&deb);
+/// An exclusive `flock` on a file of the cache, released when dropped: test processes share one cache.
+struct CacheLock(std::fs::File);
 
-    let vmlinux = dir.join(format!("vmlinux-{release}"));
-    extract_from_deb(
-        &deb,
-        &format!("./usr/lib/debug/boot/vmlinux-{release}"),
-        &vmlinux,
-    );
-    vmlinux
+impl CacheLock {
+    fn take(path: &Path) -> CacheLock {
+        let file = std::fs::File::create(path)
+            .unwrap_or_else(|e| panic!("cannot create lock file {}: {e}", path.display()));
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this struct owns; it blocks until the lock is ours and touches no memory.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            rc,
+            0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        CacheLock(file)
+    }
 }
 
 /// Extracts one file of a `.deb` to `dest`, through a partial file renamed into place when complete.
@@ -466,61 +531,6 @@ pub fn extract_from_deb(deb: &Path, inner: &str, dest: &Path) {
     );
     std::fs::rename(&partial, dest)
         .unwrap_or_else(|e| panic!("cannot move {} into place: {e}", dest.display()));
-}
-
-/// The newest `linux-image-6.1.0-*-cloud-amd64-dbg` package in the cache's `dl/`, else the newest apt knows,
-/// downloaded there (kept: the vmlinux and kvm.ko tests both extract from it).
-pub fn debian_dbg_deb() -> PathBuf {
-    let download = cache_dir().join("dl");
-    std::fs::create_dir_all(&download)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", download.display()));
-    let newest = || {
-        std::fs::read_dir(&download)
-            .ok()?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| {
-                let name = p.file_name().unwrap_or_default().to_string_lossy();
-                name.starts_with("linux-image-6.1.0-") && name.ends_with("_amd64.deb")
-            })
-            .max_by_key(|p| abi_number(&p.file_name().unwrap_or_default().to_string_lossy()))
-    };
-    if let Some(deb) = newest() {
-        return deb;
-    }
-    let search = Command::new("apt-cache")
-        .args([
-            "search",
-            "--names-only",
-            r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-dbg$",
-        ])
-        .output()
-        .expect("run apt-cache (needed to find the Debian kernel debug package)");
-    let package = String::from_utf8_lossy(&search.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .max_by_key(|n| abi_number(n))
-        .expect("apt-cache knows no linux-image-6.1.0-*-cloud-amd64-dbg package: cannot run this test (FAIL)");
-    let status = Command::new("apt-get")
-        .args(["download", "-q", &package])
-        .current_dir(&download)
-        .status()
-        .expect("run apt-get download");
-    assert!(
-        status.success(),
-        "apt-get download {package} failed: cannot run this test (FAIL)"
-    );
-    newest().expect("apt-get download produced no .deb")
-}
-
-/// The kernel release (`6.1.0-N-cloud-amd64`) of a `linux-image-…-dbg_…_amd64.deb`.
-pub fn dbg_deb_release(deb: &Path) -> String {
-    let name = deb.file_name().unwrap_or_default().to_string_lossy();
-    name.trim_start_matches("linux-image-")
-        .split("-dbg")
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// A small C program with inlining at -O2 (inline frames) and a cold function, compiled by the ELF and module tests.

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::dr::{self, Slot, SlotUse};
 use super::{protections, DebugResume, DebugShared, MemorySlots, WatchChunk, CR0_PG, INT3};
 use crate::paging::{self, PagingContext};
-use crate::probe::HostCaps;
+use crate::probe::{HostCaps, Int3Delivery};
 use crate::vcpu::{VcpuError, VcpuRequest, VcpuState};
 use crate::vm::VmControl;
 
@@ -393,6 +393,13 @@ impl DebugTarget for VmDebugTarget {
 
 impl SwBreakpoints for VmDebugTarget {
     fn add_sw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
+        if self.caps.int3 == Int3Delivery::Guest {
+            return Err(TargetError::refused(format!(
+                "cannot set a breakpoint at {gva:#x}: this host's KVM does not intercept int3 (`vmm probe`: it \
+                 reaches the guest's own #BP handler, as under QEMU's TCG SVM), so a planted int3 would crash the \
+                 guest instead of stopping it; step, interrupt or watch instead"
+            )));
+        }
         self.refuse_user_code(gva, "breakpoint")?;
         if self.shared.owns_sw_breakpoint(gva) {
             return Ok(());
@@ -446,6 +453,12 @@ impl HwBreakpoints for VmDebugTarget {
     }
 
     fn add_hw_breakpoint(&mut self, gva: u64) -> Result<(), TargetError> {
+        if !self.caps.hw_exec_breakpoints {
+            return Err(TargetError::refused(format!(
+                "cannot set a hardware breakpoint at {gva:#x}: debug-register execute breakpoints never stop the \
+                 guest on this host (`vmm probe`, as under QEMU's TCG SVM)"
+            )));
+        }
         self.refuse_user_code(gva, "hardware breakpoint")?;
         let slot = Slot {
             addr: gva,
