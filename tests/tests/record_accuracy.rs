@@ -125,6 +125,7 @@ fn measured_shares(rec: &Recording) -> BTreeMap<String, f64> {
 /// Of the samples whose innermost frame is `leaf`, the fraction whose stack holds `chain` (outermost first) in order.
 fn chain_fraction(rec: &Recording, leaf: &str, chain: &[&str]) -> f64 {
     let (mut with, mut all) = (0u64, 0u64);
+    let mut without = Vec::new();
     for (stack, n) in &rec.folded {
         let fs = frames(stack);
         if fs.last() != Some(&leaf) {
@@ -133,7 +134,14 @@ fn chain_fraction(rec: &Recording, leaf: &str, chain: &[&str]) -> f64 {
         all += n;
         if fs.windows(chain.len()).any(|w| w == chain) {
             with += n;
+        } else {
+            without.push((*n, stack.as_str()));
         }
+    }
+    // Shown on failure: which chains fell short, most frequent first.
+    without.sort_by_key(|w| std::cmp::Reverse(w.0));
+    for (n, stack) in without.iter().take(8) {
+        println!("{leaf} without the full chain: {n} x {stack}");
     }
     assert!(all > 100, "too few {leaf} samples ({all})");
     with as f64 / all as f64

@@ -21,7 +21,7 @@ use crate::exit::{self, InternalErrorAction, VmEnd};
 use crate::kick::{self, Kicker};
 use crate::paging::{read_virt, PagingContext};
 use crate::sampler::{
-    thread_cpu_time_ns, walk_frame_pointers, CpuTimeCredit, SampleRequest, MAX_CALLCHAIN,
+    thread_cpu_time_ns, walk_callchain, CpuTimeCredit, SampleRequest, MAX_CALLCHAIN,
 };
 use crate::{GuestMode, GuestRegisters, Sample};
 
@@ -464,14 +464,14 @@ impl Vcpu {
                 cr4: s.cr4,
                 efer: s.efer,
             };
-            (r.rip, r.rbp, s.cs.selector, ctx)
+            (r.rip, r.rsp, r.rbp, s.cs.selector, ctx)
         });
-        let Some((rip, rbp, cs, ctx)) = read else {
+        let Some((rip, rsp, rbp, cs, ctx)) = read else {
             sink.loss.idle_ticks.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let callchain = if sink.callchains {
-            walk_frame_pointers(&self.mem, &ctx, rbp, MAX_CALLCHAIN)
+            walk_callchain(&self.mem, &ctx, (rip, rsp, rbp), MAX_CALLCHAIN)
         } else {
             Vec::new()
         };
