@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::stub::PACKET_SIZE;
@@ -33,8 +33,6 @@ pub enum ConnectionError {
         #[source]
         source: io::Error,
     },
-    #[error("{path} exists and is not a socket; refusing to replace it")]
-    NotASocket { path: PathBuf },
     #[error("accepting the gdb connection failed")]
     Accept(#[source] io::Error),
 }
@@ -83,6 +81,39 @@ pub enum GdbListener {
     },
 }
 
+/// Binds a unix socket at `path`, replacing only a stale socket file (one nobody answers on, left by a run that
+/// died). A live socket (another VM serving there) is `AddrInUse`, and anything that is not a socket (a file, a
+/// directory) is `AlreadyExists`: neither is ever deleted. The one implementation for the gdb and control sockets.
+pub fn bind_unix_socket(path: &Path) -> io::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            let what = if meta.is_dir() {
+                "a directory"
+            } else {
+                "not a socket"
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is {what}; refusing to replace it",
+                    path.display()
+                ),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is a live socket: another process serves it",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
 impl GdbListener {
     pub fn bind(address: &GdbAddress) -> Result<Self, ConnectionError> {
         let bind_error = |source| ConnectionError::Bind {
@@ -94,14 +125,7 @@ impl GdbListener {
                 .map(GdbListener::Tcp)
                 .map_err(bind_error),
             GdbAddress::Unix(path) => {
-                // A socket file left by an earlier run would make bind fail; anything else is not ours to delete.
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    if !meta.file_type().is_socket() {
-                        return Err(ConnectionError::NotASocket { path: path.clone() });
-                    }
-                    std::fs::remove_file(path).map_err(bind_error)?;
-                }
-                let listener = UnixListener::bind(path).map_err(bind_error)?;
+                let listener = bind_unix_socket(path).map_err(bind_error)?;
                 Ok(GdbListener::Unix {
                     listener,
                     path: path.clone(),

@@ -368,3 +368,98 @@ fn every_guest_fault_mode_ends_non_zero_with_the_vcpu_state() {
         }
     }
 }
+
+/// `--control` and `--gdb` on a unix path never replace what the user owns: a regular file or a directory there is
+/// one clear error before the guest runs (the file keeps its bytes), a live socket (another VM serving) is refused
+/// and that VM keeps serving, and only a stale socket file (nobody answering) is replaced.
+#[test]
+fn socket_paths_never_replace_files_directories_or_live_sockets() {
+    let dir = std::env::temp_dir().join(format!("vmm-socket-paths-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = guest_elf();
+    let precious = dir.join("precious.txt");
+    std::fs::write(&precious, b"the user's data\n").unwrap();
+    let a_dir = dir.join("a-directory");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let run = |flag: &str, path: &std::path::Path, cmdline: &str| {
+        let (out, killed) = vmm(&[
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            flag,
+            path.to_str().unwrap(),
+        ]);
+        assert!(!killed, "vmm hung with {flag} {}", path.display());
+        out
+    };
+    for flag in ["--control", "--gdb"] {
+        for (path, what) in [(&precious, "is not a socket"), (&a_dir, "is a directory")] {
+            let out = run(flag, path, "boot_only=1");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{flag} {}: {stderr}",
+                path.display()
+            );
+            assert!(
+                stderr.contains(what) && stderr.contains("refusing to replace it"),
+                "{stderr}"
+            );
+            assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+            assert!(
+                out.stdout.is_empty(),
+                "the guest never ran: {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    assert_eq!(std::fs::read(&precious).unwrap(), b"the user's data\n");
+    assert!(a_dir.is_dir());
+
+    // A live socket: the second VM is refused, the first keeps answering.
+    let sock = dir.join("vm.sock");
+    let _first = integration_tests::bins::KillOnDrop(
+        Command::new(bin("vmm"))
+            .args([
+                "run",
+                "--kernel",
+                elf.to_str().unwrap(),
+                "--cmdline",
+                "secs=30",
+                "--control",
+            ])
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    integration_tests::bins::wait_until_exists(&sock, Duration::from_secs(30));
+    let out = run("--control", &sock, "boot_only=1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is a live socket"), "{stderr}");
+    let mut conn = UnixStream::connect(&sock).expect("the first VM still serves");
+    writeln!(conn, r#"{{"v":1,"cmd":"info"}}"#).unwrap();
+    let mut reply = String::new();
+    BufReader::new(conn).read_line(&mut reply).unwrap();
+    assert!(reply.contains(r#""ok":true"#), "{reply}");
+    drop(_first);
+
+    // A stale socket (a listener that went away without removing its file) is replaced.
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let out = run("--control", &stale, "boot_only=1");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -93,16 +93,14 @@ impl Drop for ControlServer {
     }
 }
 
-/// Binds the socket (replacing a stale one), restricts it to the owner, and serves connections on a thread.
+/// Binds the socket (replacing only a stale socket, never a file the user owns), restricts it to the owner, and
+/// serves connections on a thread.
 pub fn serve(path: &Path, vm: VmControl) -> Result<ControlServer, ControlError> {
     let p = path.display().to_string();
-    if path.exists() && UnixStream::connect(path).is_err() {
-        let _ = std::fs::remove_file(path);
-    }
     // Create the socket with no group/other bits at all, so there is no window where it is wider than 0600.
     // SAFETY: umask only changes this process's file-creation mask; restored right after bind.
     let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
+    let listener = gdbstub_kvm::connection::bind_unix_socket(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
     let listener = listener.map_err(|source| ControlError::Bind {

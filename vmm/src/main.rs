@@ -53,7 +53,10 @@ fn run(args: vmm::cli::RunArgs) -> anyhow::Result<i32> {
     let kvm: Kvm = vmm::open_kvm()?;
     let caps = HostCaps::probe_cached(&kvm)?;
     let mut cfg = args.vm_config(Box::new(std::io::stdout()))?;
-    cfg.start_paused = args.gdb_wait;
+    // The vCPUs wait until the gdb and control sockets are bound: a bad address or path is one error line and
+    // the guest never runs an instruction.
+    let hold = args.gdb.is_some() || args.control.is_some();
+    cfg.start_paused = args.gdb_wait || hold;
     let (vm, _) = Vm::start(&kvm, &caps, cfg)?;
     let gdb = match &args.gdb {
         Some(address) => {
@@ -76,6 +79,9 @@ fn run(args: vmm::cli::RunArgs) -> anyhow::Result<i32> {
         Some(path) => Some(vmm::control::serve(path, vm.control()).context("control socket")?),
         None => None,
     };
+    if hold && !args.gdb_wait {
+        vm.control().resume_all()?;
+    }
     forward_stdin(vm.devices());
     let end = vm.run_to_end();
     if let Some(gdb) = &gdb {
