@@ -10,7 +10,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use gdb_common::{
-    gdb_command, hex_value_after, run_gdb, run_gdb_in_order, GdbProcess, Vmm, TO_KERNEL_SPIN,
+    gdb_command, hex_value_after, host_stops_at_breakpoints, run_gdb, run_gdb_in_order, GdbProcess,
+    Vmm, TO_KERNEL_CODE_BY_WATCH, TO_KERNEL_SPIN,
 };
 use integration_tests::guest_elf;
 
@@ -186,9 +187,14 @@ fn function_of(symbol: &str) -> &str {
 #[test]
 fn a_hundred_stepi_in_ring0_advance_rip_and_never_enter_the_timer_handler() {
     // A 1 kHz timer fires hundreds of times while gdb steps: a step that let interrupts in would land in
-    // `timer_entry`.
-    let vmm = Vmm::start("work=kernel_spin:100 secs=2 hz=1000", "1");
-    let mut commands: Vec<&str> = TO_KERNEL_SPIN.to_vec();
+    // `timer_entry`. Where no breakpoint stops the guest (QEMU's TCG SVM), a write watch gets it into ring 0.
+    let (vmm, mut commands): (_, Vec<&str>) = if host_stops_at_breakpoints() {
+        let vmm = Vmm::start("work=kernel_spin:100 secs=2 hz=1000", "1");
+        (vmm, TO_KERNEL_SPIN.to_vec())
+    } else {
+        let vmm = Vmm::start_running("work=kernel_spin:100 secs=3 hz=1000", "1");
+        (vmm, TO_KERNEL_CODE_BY_WATCH.to_vec())
+    };
     commands.push("p $cs & 3");
     for _ in 0..100 {
         commands.push("x/2i $pc");
@@ -244,8 +250,14 @@ fn watch_user_counter_stops_after_the_ring3_store() {
         !after_stores.is_empty(),
         "objdump shows the user_counter increments"
     );
-    let vmm = Vmm::start("work=kernel_spin:50,user_hot_a:50 secs=3", "1");
-    let mut commands: Vec<&str> = TO_KERNEL_SPIN.to_vec();
+    // Where no breakpoint stops the guest (QEMU's TCG SVM), gdb attaches to it running, paging already on.
+    let (vmm, mut commands): (_, Vec<&str>) = if host_stops_at_breakpoints() {
+        let vmm = Vmm::start("work=kernel_spin:50,user_hot_a:50 secs=3", "1");
+        (vmm, TO_KERNEL_SPIN.to_vec())
+    } else {
+        let vmm = Vmm::start_running("work=kernel_spin:50,user_hot_a:50 secs=5", "1");
+        (vmm, vec!["set language c"])
+    };
     commands.extend([
         "info registers fs_base cr3 efer",
         "x/16gx &kernel_counter",

@@ -20,6 +20,15 @@ pub const INTERRUPT_ATTEMPTS: usize = 30;
 pub const TO_KERNEL_SPIN: [&str; 4] =
     ["set language c", "hbreak kernel_spin", "continue", "delete"];
 
+/// Gets a running guest (`Vmm::start_running`) into its ring-0 workload without any breakpoint: a write watch
+/// (page protection, on every host) on `kernel_counter` stops it in `kernel_leaf`, right after the store.
+pub const TO_KERNEL_CODE_BY_WATCH: [&str; 4] = [
+    "set language c",
+    "watch *(unsigned long *)&kernel_counter",
+    "continue",
+    "delete",
+];
+
 pub fn is_pvm_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
@@ -107,9 +116,20 @@ impl Vmm {
         Vmm::spawn(kernel, cmdline, cpus, gdb_address, true)
     }
 
-    /// The test guest running from the start, gdb attaching later (no `--gdb-wait`).
+    /// The test guest running from the start (no `--gdb-wait`), returned once it prints `guest: workload start`
+    /// (paging on, the workload under way), for gdb to attach to.
     pub fn start_running(cmdline: &str, cpus: &str) -> Vmm {
-        Vmm::spawn(&guest_elf(), cmdline, cpus, "127.0.0.1:0", false)
+        let vmm = Vmm::spawn(&guest_elf(), cmdline, cpus, "127.0.0.1:0", false);
+        let started = std::time::Instant::now();
+        while !vmm
+            .stdout
+            .recv_timeout(VMM_LIMIT)
+            .expect("guest output")
+            .contains("guest: workload start")
+        {
+            assert!(started.elapsed() < VMM_LIMIT, "the workload never started");
+        }
+        vmm
     }
 
     fn spawn(kernel: &Path, cmdline: &str, cpus: &str, gdb_address: &str, wait: bool) -> Vmm {
