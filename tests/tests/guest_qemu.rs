@@ -2,7 +2,7 @@
 //! the exit status through isa-debug-exit, and the fault modes QEMU can show. Skipped (with a note) where
 //! /dev/kvm or qemu-system-x86_64 is missing.
 
-use integration_tests::{guest_elf, repo_root};
+use integration_tests::{guest_elf, script_output};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -49,20 +49,7 @@ fn qemu(append: &str, smp: u32, limit: Duration) -> Run {
 /// The `-cpu` model this host's KVM accepts (`scripts/qemu-kvm-cpu`: `host` where it can), asked once per process.
 fn cpu_model() -> &'static str {
     static MODEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    MODEL.get_or_init(|| {
-        let out = Command::new(repo_root().join("scripts/qemu-kvm-cpu"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running scripts/qemu-kvm-cpu");
-        assert!(
-            out.status.success(),
-            "QEMU starts with no -cpu model on this host"
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf-8")
-            .trim()
-            .to_owned()
-    })
+    MODEL.get_or_init(|| script_output("qemu-kvm-cpu", &[]))
 }
 
 fn qemu_with(append: &str, smp: u32, limit: Duration, extra: &[&str]) -> Run {

@@ -14,15 +14,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use integration_tests::bins::{bin, run_with_deadline};
-use integration_tests::repo_root;
 
 fn debian_vmlinux() -> std::path::PathBuf {
-    let out = Command::new(repo_root().join("scripts/fetch-debian-kernel"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("scripts/fetch-debian-kernel");
-    assert!(out.status.success(), "fetching Debian's kernel failed");
-    String::from_utf8(out.stdout).unwrap().trim().into()
+    integration_tests::script_output("fetch-debian-kernel", &[]).into()
 }
 
 /// The bzImage `scripts/fetch-debian-kernel` caches next to the vmlinux.

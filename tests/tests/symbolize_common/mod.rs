@@ -399,22 +399,7 @@ pub fn cache_dir() -> PathBuf {
 pub fn debian_release() -> String {
     static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     RELEASE
-        .get_or_init(|| {
-            let out =
-                Command::new(integration_tests::repo_root().join("scripts/fetch-debian-kernel"))
-                    .arg("release")
-                    .stderr(Stdio::inherit())
-                    .output()
-                    .expect("run scripts/fetch-debian-kernel release");
-            assert!(
-                out.status.success(),
-                "scripts/fetch-debian-kernel release failed: cannot run this test (FAIL)"
-            );
-            String::from_utf8(out.stdout)
-                .expect("utf-8")
-                .trim()
-                .to_owned()
-        })
+        .get_or_init(|| integration_tests::script_output("fetch-debian-kernel", &["release"]))
         .clone()
 }
 
