@@ -346,19 +346,7 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) => Some(VmEnd::GuestReset),
-            Ok(VcpuExit::Shutdown) => {
-                let mut end = self.crash("triple fault (KVM_EXIT_SHUTDOWN)".into());
-                if let VmEnd::Crash { report, .. } = &mut end {
-                    if self
-                        .registers(false)
-                        .is_ok_and(|r| exit::is_reset_state(&r))
-                    {
-                        report.push('\n');
-                        report.push_str(exit::RESET_AFTER_SHUTDOWN);
-                    }
-                }
-                Some(end)
-            }
+            Ok(VcpuExit::Shutdown) => Some(self.crash(SHUTDOWN.into())),
             Ok(VcpuExit::SystemEvent(..)) => Some(VmEnd::GuestReset),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.crash(format!(
                 "VM entry failed (hardware reason {reason:#x} on host cpu {cpu})"
@@ -596,7 +584,13 @@ impl Vcpu {
                     &mut code,
                 );
                 let symbol = self.symbolize.as_ref().and_then(|f| f(regs.rip));
-                exit::crash_report(self.id, &reason, &regs, &code[..n], symbol.as_deref())
+                let mut report =
+                    exit::crash_report(self.id, &reason, &regs, &code[..n], symbol.as_deref());
+                if reason == SHUTDOWN && exit::is_reset_state(&regs) {
+                    report.push('\n');
+                    report.push_str(exit::RESET_AFTER_SHUTDOWN);
+                }
+                report
             }
             Err(e) => format!("vCPU {}: {reason}\n  (registers unavailable: {e})", self.id),
         };
@@ -607,6 +601,9 @@ impl Vcpu {
         }
     }
 }
+
+/// The crash reason of a `KVM_EXIT_SHUTDOWN`.
+const SHUTDOWN: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 
 /// A debug-relevant exit seen inside `run_once`'s match, acted on once the exit's borrow of `kvm_run` ends.
 enum DebugExit {
