@@ -319,7 +319,9 @@ fn guest_exit_and_crash_reach_gdb() {
 
 /// Without any breakpoint: attach to a running guest, stop after a ring-3 store with a watchpoint (page
 /// protection), then single-step there. Ring-3 steps reach the VMM on VMX/SVM hosts (the SVM lane proves it) and are
-/// refused with a reason on PVM hosts, which deliver them to the guest.
+/// refused with a reason on PVM hosts, which deliver them to the guest. One step: the store is followed by
+/// `user_leaf`'s epilogue, where gdb 13's `stepi` sometimes plants an internal breakpoint (`Cannot insert breakpoint
+/// 0` on hosts that take none, such as QEMU's TCG SVM).
 #[test]
 fn ring3_steps_after_a_user_watchpoint_follow_the_host() {
     let vmm = Vmm::start_running("work=kernel_spin:20,user_hot_a:80 secs=30", "2");
@@ -337,9 +339,6 @@ fn ring3_steps_after_a_user_watchpoint_follow_the_host() {
             "p/x $pc",
             "stepi",
             "echo pc-after-step\\n",
-            "p/x $pc",
-            "stepi",
-            "echo pc-after-step2\\n",
             "p/x $pc",
             "echo cpl-after-steps\\n",
             "p $cs & 3",
@@ -363,8 +362,7 @@ fn ring3_steps_after_a_user_watchpoint_follow_the_host() {
         "the watchpoint stopped the ring-3 store"
     );
     let before = hex_value_after(&out, "pc-before-step");
-    let after = hex_value_after(&out, "pc-after-step\n");
-    let after2 = hex_value_after(&out, "pc-after-step2");
+    let after = hex_value_after(&out, "pc-after-step");
     let refused = out.contains("cannot be stepped from the VMM");
     if is_pvm_host() {
         // The refused step comes back as an immediate stop, which gdb may show on the other vCPU: RIPs prove
@@ -372,12 +370,11 @@ fn ring3_steps_after_a_user_watchpoint_follow_the_host() {
         assert!(refused, "a ring-3 step is refused on PVM with the reason");
     } else {
         assert!(!refused, "ring-3 steps work on this host");
-        assert_ne!(after, before, "the first ring-3 step moved RIP");
-        assert_ne!(after2, after, "the second ring-3 step moved RIP");
         assert!(
-            after >> 47 == 0 && after2 >> 47 == 0,
-            "steps stayed in user space"
+            after > before && after - before <= 15,
+            "the ring-3 step moved RIP by one instruction: {before:#x} -> {after:#x}"
         );
+        assert!(after >> 47 == 0, "the step stayed in user space");
         assert!(
             cpl("cpl-after-steps"),
             "still in ring 3 (interrupts held back)"
