@@ -22,6 +22,32 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// `vmm probe` on this host (its stdout), run once per test process; the test fails if the probe does.
+pub fn vmm_probe() -> &'static str {
+    static PROBE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PROBE.get_or_init(|| {
+        let out = Command::new(bin("vmm"))
+            .arg("probe")
+            .output()
+            .expect("vmm probe");
+        assert!(
+            out.status.success(),
+            "vmm probe failed: {}",
+            stdout_then_stderr(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+/// The value of one `vmm probe` line (`NAME   value`), trimmed; the test fails if there is no such line.
+pub fn probe_line<'a>(probe: &'a str, name: &str) -> &'a str {
+    probe
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name:?} line in:\n{probe}"))
+        .trim()
+}
+
 /// A child process killed (and reaped) when dropped: a test that fails midway leaves no VMM behind (a paused VM
 /// would otherwise wait forever).
 pub struct KillOnDrop(pub Child);

@@ -2,9 +2,7 @@
 //! TCG in the SVM lane (scripts/test-svm), VMX/SVM hardware elsewhere. Each kind's expected answers were measured
 //! (docs/hosts.md); the kind itself is read independently of the probe, from /sys/module and /proc/cpuinfo.
 
-use std::process::Command;
-
-use integration_tests::bins::{bin, stdout_then_stderr};
+use integration_tests::bins::{probe_line, vmm_probe};
 
 #[derive(Debug, PartialEq)]
 enum Kind {
@@ -31,43 +29,32 @@ fn kind() -> Kind {
     }
 }
 
-/// The value of one `vmm probe` line (`NAME   value`).
-fn line<'a>(probe: &'a str, name: &str) -> &'a str {
-    probe
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .unwrap_or_else(|| panic!("no {name:?} line in:\n{probe}"))
-        .trim()
-}
-
 #[test]
 fn probe_describes_this_host_kind() {
-    let out = Command::new(bin("vmm")).arg("probe").output().unwrap();
-    let probe = stdout_then_stderr(&out);
+    let probe = vmm_probe();
     println!("{probe}");
-    assert!(out.status.success());
     let kind = kind();
-    let int3 = line(&probe, "CPL0 int3 arrives as");
+    let int3 = probe_line(probe, "CPL0 int3 arrives as");
     assert_ne!(int3, "unknown", "the probe must tell how int3 arrives");
-    let host = line(&probe, "host kind");
-    let exec = line(&probe, "exec breakpoints (DR)");
-    let data = line(&probe, "data breakpoints");
+    let host = probe_line(probe, "host kind");
+    let exec = probe_line(probe, "exec breakpoints (DR)");
+    let data = probe_line(probe, "data breakpoints");
     match kind {
         Kind::Pvm => {
             assert!(host.starts_with("PVM"), "{host}");
-            assert_eq!(line(&probe, "PVM (no VMX/SVM)"), "yes");
+            assert_eq!(probe_line(probe, "PVM (no VMX/SVM)"), "yes");
             assert!(int3.starts_with("KVM_EXIT_INTERNAL_ERROR"), "{int3}");
             assert!(exec.starts_with("yes"), "{exec}");
             assert!(data.starts_with("no"), "{data}");
         }
         Kind::TcgSvm => {
             assert!(host.starts_with("AMD SVM (kvm_amd"), "{host}");
-            assert_eq!(line(&probe, "PVM (no VMX/SVM)"), "no");
+            assert_eq!(probe_line(probe, "PVM (no VMX/SVM)"), "no");
             assert!(int3.starts_with("the guest's #BP handler"), "{int3}");
             assert!(exec.starts_with("no"), "{exec}");
             assert!(data.starts_with("no"), "{data}");
             // Nothing of PVM's is worked around here: CPL0 xsave and every gated instruction run.
-            assert_eq!(line(&probe, "CPL0 xsave/xrstor"), "Runs");
+            assert_eq!(probe_line(probe, "CPL0 xsave/xrstor"), "Runs");
             assert!(!probe.contains("Fails"), "{probe}");
         }
         Kind::Hardware => {
@@ -75,7 +62,7 @@ fn probe_describes_this_host_kind() {
                 host.starts_with("AMD SVM") || host.starts_with("Intel VMX"),
                 "{host}"
             );
-            assert_eq!(line(&probe, "PVM (no VMX/SVM)"), "no");
+            assert_eq!(probe_line(probe, "PVM (no VMX/SVM)"), "no");
             assert_eq!(int3, "KVM_EXIT_DEBUG");
             assert!(exec.starts_with("yes"), "{exec}");
             assert!(data.starts_with("yes"), "{data}");

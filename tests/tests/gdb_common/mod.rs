@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use integration_tests::bins::{bin, run_with_deadline};
+use integration_tests::bins::{bin, probe_line, run_with_deadline, vmm_probe};
 use integration_tests::guest_elf;
 
 /// Generous limits for processes that normally end in seconds; they only turn a hang into a failure.
@@ -33,25 +33,13 @@ pub fn is_pvm_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// `vmm probe` on this host, run once per test process.
-pub fn host_probe() -> &'static str {
-    static PROBE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PROBE.get_or_init(|| {
-        let out = Command::new(bin("vmm"))
-            .arg("probe")
-            .output()
-            .expect("vmm probe");
-        assert!(out.status.success(), "vmm probe failed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    })
-}
-
 /// Whether gdb's `break` and `hbreak` can stop the guest on this host (`vmm probe`: int3 reaches the VMM and DR
 /// execute breakpoints fire). Not under QEMU's TCG SVM (the SVM lane), where the stub refuses both.
 pub fn host_stops_at_breakpoints() -> bool {
-    let probe = host_probe();
-    let int3_to_guest = probe.contains("CPL0 int3 arrives as   the guest's #BP handler");
-    let no_exec_bp = probe.contains("exec breakpoints (DR)  no");
+    let probe = vmm_probe();
+    let int3_to_guest =
+        probe_line(probe, "CPL0 int3 arrives as").starts_with("the guest's #BP handler");
+    let no_exec_bp = probe_line(probe, "exec breakpoints (DR)").starts_with("no");
     assert_eq!(
         int3_to_guest, no_exec_bp,
         "a host with one kind of breakpoint but not the other: the tests expect both or neither\n{probe}"
